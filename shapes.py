@@ -1,0 +1,353 @@
+"""
+A tiny offline world of shapes, standing in for ImageNet (no downloads needed).
+
+Every image shows ONE filled shape on a flat background and is fully described by
+    shape       10 kinds, the class label: CLASS_NAMES[label]
+    colour      8 palette colours
+    size        small / medium / large = area of the shape as a fraction of the image
+    position    a cell of a 3x3 grid: "top left", "top", ..., "center", ..., "bottom right"
+    background  4 flat colours, never the same colour as the shape
+plus a small seeded jitter of position, size and rotation inside each bin (stored in
+attrs["jitter"]), so no two images are identical.
+
+Like MVP, each image comes with three levels of text:
+    class label  3
+    sentence     "a photo of a diamond"
+    caption      "a small red diamond in the top left corner on a black background"
+Only the caption carries colour, size, position and background.
+
+Splits: "train" and "test" sample the same attribute distribution (nothing is held
+out combinatorially); they are independent seeded random streams, so "held-out" means
+fresh images with fresh jitter that were never seen in training. Item i of a split
+depends only on (split, seed, i), and labels cycle through the classes (balanced).
+
+read_attributes() reads colour/size/position/background back from any image, rendered
+or generated, with simple pixel statistics, so a generated image can be scored
+against the caption it was conditioned on. The shape kind needs a learned classifier.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# alphabetical, so label = index in sorted folder order (as in ImageNet training)
+CLASS_NAMES = ["circle", "crescent", "cross", "diamond", "hexagon",
+               "pentagon", "ring", "square", "star", "triangle"]
+NUM_CLASSES = len(CLASS_NAMES)
+COLOURS = {  # shape colours, RGB
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "cyan": (30, 200, 220),
+    "blue": (40, 70, 220),
+    "purple": (140, 50, 190),
+    "white": (240, 240, 240),
+}
+BACKGROUNDS = {  # background colours, RGB; >= 100 away from every shape colour of another name
+    "black": (15, 15, 15),
+    "gray": (120, 120, 120),
+    "white": (240, 240, 240),
+    "dark blue": (20, 30, 80),
+}
+SIZES = {"small": 0.015, "medium": 0.035, "large": 0.08}  # shape area / image area
+POSITIONS = ["top left", "top", "top right",  # row-major over the 3x3 grid
+             "left", "center", "right",
+             "bottom left", "bottom", "bottom right"]
+POSITION_PHRASES = {
+    "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "in the bottom left corner", "bottom": "at the bottom",
+    "bottom right": "in the bottom right corner",
+}
+ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+SPLITS = ("train", "test")
+
+CELL_CENTRES = (0.25, 0.5, 0.75)  # where a shape's centroid is placed, fraction of the image side
+MAX_SHIFT = 0.04      # position jitter, fraction of the image side
+MAX_SCALE = 0.08      # size jitter, relative to the side length of the shape
+MAX_ANGLE = 12.0      # rotation jitter, degrees
+MARGIN = 0.02         # shapes are pushed inside the image by at least this fraction
+SUPERSAMPLE = 4       # anti-aliasing: draw at 4x, box-filter down
+MIN_CONTRAST = 40.0   # an image whose pixels are all this close to the background is empty
+
+
+# -----------------------------------------------------------------------------
+# geometry: each shape is a list of (polygon (k, 2), fill) drawn in order, fill 1 adds
+# and fill 0 cuts a hole; y points down. Normalised to unit area, centroid at the origin.
+
+
+def _regular(k, radius=1.0, phase=-math.pi / 2):
+    t = phase + 2 * math.pi * np.arange(k) / k
+    return radius * np.stack([np.cos(t), np.sin(t)], 1)  # (k, 2)
+
+
+def _star(points=5, inner=0.45):
+    radii = np.tile([1.0, inner], points)  # (2*points,)
+    return radii[:, None] * _regular(2 * points)
+
+
+def _cross(w=0.3):
+    return np.array([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w),
+                     (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)], dtype=float)
+
+
+def _crescent(r=0.85, d=0.5, n=48):
+    # unit circle minus a circle of radius r centred at (d, 0): outer arc round the
+    # left, then the inner arc back between the two intersection points
+    x = (1 - r * r + d * d) / (2 * d)
+    y = math.sqrt(1 - x * x)
+    phi0, psi0 = math.atan2(y, x), math.atan2(y, x - d)
+    phi = np.linspace(phi0, 2 * math.pi - phi0, n)
+    psi = np.linspace(-psi0, psi0 - 2 * math.pi, n)
+    outer = np.stack([np.cos(phi), np.sin(phi)], 1)
+    inner = np.stack([d + r * np.cos(psi), r * np.sin(psi)], 1)
+    return np.concatenate([outer, inner])  # (2n, 2)
+
+
+def _moments(poly):
+    # area and centroid of a simple polygon (shoelace formula)
+    x, y = poly[:, 0], poly[:, 1]
+    x1, y1 = np.roll(x, -1), np.roll(y, -1)
+    cross = x * y1 - x1 * y
+    a = cross.sum() / 2
+    c = np.array([((x + x1) * cross).sum(), ((y + y1) * cross).sum()]) / (6 * a)
+    return abs(a), c
+
+
+def _normalise(ops):
+    # holes lie fully inside their outline, so their moments simply subtract
+    moments = [(_moments(p), 1 if fill else -1) for p, fill in ops]
+    area = sum(sign * a for (a, _), sign in moments)
+    centroid = sum(sign * a * c for (a, c), sign in moments) / area
+    return [((p - centroid) / math.sqrt(area), fill) for p, fill in ops]
+
+_SHAPES = {name: _normalise(ops) for name, ops in {
+    "circle": [(_regular(64), 1)],
+    "cross": [(_cross(), 1)],
+    "crescent": [(_crescent(), 1)],
+    "diamond": [(np.array([(0, -1.4), (0.85, 0), (0, 1.4), (-0.85, 0)]), 1)],
+    "hexagon": [(_regular(6, phase=0.0), 1)],
+    "pentagon": [(_regular(5), 1)],
+    "ring": [(_regular(64), 1), (_regular(64, radius=0.55), 0)],
+    "square": [(np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float), 1)],
+    "star": [(_star(), 1)],
+    "triangle": [(_regular(3), 1)],
+}.items()}
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def render(attrs, image_size=64):
+    """Draw the image described by attrs -> uint8 array (H, W, 3). Missing jitter = none."""
+    S = image_size
+    dx, dy, scale, angle = attrs.get("jitter", (0.0, 0.0, 1.0, 0.0))
+    row, col = divmod(POSITIONS.index(attrs["position"]), 3)
+    side = math.sqrt(SIZES[attrs["size"]]) * scale * S  # pixels per unit length of the unit-area shape
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    rot = np.array([[c, -s], [s, c]])
+    ops = [(poly @ rot.T * side, fill) for poly, fill in _SHAPES[attrs["shape"]]]
+    # centroid in pixels; if the jitter pushed the shape over the edge, push it back in
+    centre = np.array([CELL_CENTRES[col] + dx, CELL_CENTRES[row] + dy]) * S  # (2,) as (x, y)
+    points = np.concatenate([p for p, _ in ops])
+    lo, hi = points.min(0) + centre, points.max(0) + centre
+    centre += np.maximum(MARGIN * S - lo, 0) - np.maximum(hi - (1 - MARGIN) * S, 0)
+    mask = Image.new("L", (S * SUPERSAMPLE, S * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(mask)
+    for poly, fill in ops:
+        draw.polygon([tuple(p) for p in (poly + centre) * SUPERSAMPLE], fill=255 * fill)
+    alpha = np.asarray(mask.resize((S, S), Image.BOX), dtype=np.float32)[..., None] / 255  # (H, W, 1) coverage
+    fg = np.array(COLOURS[attrs["colour"]], dtype=np.float32)
+    bg = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32)
+    return np.round(bg + alpha * (fg - bg)).astype(np.uint8)
+
+
+def to_tensor(image):
+    """uint8 (H, W, 3) -> float tensor (3, H, W) in [-1, 1], VAR's convention."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+# -----------------------------------------------------------------------------
+# texts
+
+def sentence(label):
+    return f"a photo of a {CLASS_NAMES[label]}"
+
+
+def caption(attrs):
+    return (f"a {attrs['size']} {attrs['colour']} {attrs['shape']} "
+            f"{POSITION_PHRASES[attrs['position']]} on a {attrs['background']} background")
+
+
+_SHAPE_WORDS = {**{n: n for n in CLASS_NAMES}, **{n + "s": n for n in CLASS_NAMES},
+                "rhombus": "diamond", "plus": "cross", "moon": "crescent", "donut": "ring"}
+_COLOUR_WORDS = {**{n: n for n in COLOURS}, "violet": "purple", "turquoise": "cyan"}
+_BACKGROUND_WORDS = {**{n: n for n in BACKGROUNDS}, "grey": "gray", "navy": "dark blue",
+                     "navy blue": "dark blue"}
+_SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "medium": "medium",
+               "large": "large", "big": "large", "huge": "large"}
+
+
+def parse_caption(text):
+    """Free text -> dict with whichever of ATTRIBUTES it mentions (others absent)."""
+    text = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "
+    attrs = {}
+    # the background first, so that its colour is not taken for the shape's colour
+    for word in sorted(_BACKGROUND_WORDS, key=len, reverse=True):
+        if f" {word} background " in text:
+            attrs["background"] = _BACKGROUND_WORDS[word]
+            text = text.replace(f" {word} background ", " ")
+            break
+    words = text.split()
+    for key, vocab in (("shape", _SHAPE_WORDS), ("colour", _COLOUR_WORDS), ("size", _SIZE_WORDS)):
+        found = [vocab[w] for w in words if w in vocab]
+        if found:
+            attrs[key] = found[0]
+    vertical = [v for w, v in (("top", "top"), ("upper", "top"), ("bottom", "bottom"), ("lower", "bottom"))
+                if w in words]
+    horizontal = [w for w in ("left", "right") if w in words]
+    if vertical or horizontal:
+        attrs["position"] = " ".join(vertical[:1] + horizontal[:1])
+    elif {"center", "centre", "middle"} & set(words):
+        attrs["position"] = "center"
+    return attrs
+
+
+# -----------------------------------------------------------------------------
+# splits and datasets
+
+def make_split(split, n, seed=0):
+    """n attribute dicts of a split; labels cycle through the classes, item i depends only on (split, seed, i)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    items = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, SPLITS.index(split), i])
+        label = i % NUM_CLASSES
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        backgrounds = [b for b in BACKGROUNDS if b != colour]
+        jitter = (float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)), float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)),
+                  float(rng.uniform(1 - MAX_SCALE, 1 + MAX_SCALE)), float(rng.uniform(-MAX_ANGLE, MAX_ANGLE)))
+        items.append(dict(
+            label=label,
+            shape=CLASS_NAMES[label],
+            colour=colour,
+            size=list(SIZES)[rng.integers(len(SIZES))],
+            position=POSITIONS[rng.integers(len(POSITIONS))],
+            background=backgrounds[rng.integers(len(backgrounds))],
+            jitter=jitter,  # (dx, dy, scale, angle in degrees)
+        ))
+    return items
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """(image (3, H, W) in [-1, 1], label, sentence, caption); images are rendered on the fly."""
+
+    def __init__(self, split, n, image_size=64, seed=0):
+        self.items = make_split(split, n, seed)
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        attrs = self.items[i]
+        return to_tensor(render(attrs, self.image_size)), attrs["label"], sentence(attrs["label"]), caption(attrs)
+
+
+def export_image_folder(root, split, n_per_class, seed=0, image_size=64):
+    """Write root/<split>/<class>/<idx>.png, root/class_names.txt and root/captions.jsonl.
+    captions.jsonl keeps the entries of other splits already exported to root. Returns this split's entries."""
+    records = []
+    for i, attrs in enumerate(make_split(split, n_per_class * NUM_CLASSES, seed)):
+        path = f"{split}/{attrs['shape']}/{i:05d}.png"
+        os.makedirs(os.path.join(root, split, attrs["shape"]), exist_ok=True)
+        Image.fromarray(render(attrs, image_size)).save(os.path.join(root, path))
+        records.append({"path": path, "caption": caption(attrs)})
+    with open(os.path.join(root, "class_names.txt"), "w") as f:
+        f.write("\n".join(CLASS_NAMES) + "\n")
+    captions_path = os.path.join(root, "captions.jsonl")
+    others = []
+    if os.path.exists(captions_path):
+        with open(captions_path) as f:
+            others = [r for r in map(json.loads, f) if not r["path"].startswith(split + "/")]
+    with open(captions_path, "w") as f:
+        for r in others + records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# reading attributes back from pixels
+
+def _as_array(image):
+    # uint8 (H, W, 3) array, PIL image, or tensor (3, H, W) in [-1, 1] -> float32 (H, W, 3) in [0, 255]
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float().cpu()
+        x = x.squeeze(0) if x.dim() == 4 else x
+        return ((x.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    x = np.asarray(image, dtype=np.float32)
+    assert x.ndim == 3 and x.shape[2] == 3, f"expected (H, W, 3), got {x.shape}"
+    return x
+
+
+def _nearest(palette, rgb):
+    return min(palette, key=lambda name: np.sum((np.array(palette[name]) - rgb) ** 2))
+
+
+def read_attributes(image):
+    """-> dict(colour, size, position, background) from pixel statistics; only background if no shape is found."""
+    img = _as_array(image)  # (H, W, 3)
+    H, W, _ = img.shape
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])  # (2H+2W, 3)
+    bg = np.median(border, 0)
+    out = {"background": _nearest(BACKGROUNDS, bg)}
+    diff = img - bg  # (H, W, 3)
+    dist = np.linalg.norm(diff, axis=-1)  # (H, W)
+    if dist.max() < MIN_CONTRAST:
+        return out
+    fg = np.median(diff[dist >= 0.7 * dist.max()], 0)  # (3,) clearly-foreground colour minus background
+    # blur and anti-aliasing mix the shape colour c with the background: fg ~ t * (c - bg), 0.5 <= t <= 1
+    axes = {name: np.array(rgb) - bg for name, rgb in COLOURS.items()
+            if np.linalg.norm(np.array(rgb) - bg) >= MIN_CONTRAST}  # the background's own colour can't be the shape's
+    t = {name: np.clip(fg @ a / (a @ a), 0.5, 1) for name, a in axes.items()}
+    out["colour"] = min(axes, key=lambda name: np.sum((fg - t[name] * axes[name]) ** 2))
+    axis = axes[out["colour"]]
+    alpha = diff @ axis / (axis @ axis)  # (H, W) 0 = background, 1 = shape colour
+    if alpha.max() <= 0:  # nothing points towards any palette colour
+        return out
+    # (H, W) the shape: at least half way to its colour (or near the peak of a faint shape),
+    # which ignores noise, halos and blur tails
+    mask = (alpha >= min(0.5, 0.75 * alpha.max())).astype(np.float32)
+    area = mask.mean()
+    small_medium, medium_large = (math.sqrt(SIZES["small"] * SIZES["medium"]),
+                                  math.sqrt(SIZES["medium"] * SIZES["large"]))
+    out["size"] = "small" if area < small_medium else "medium" if area < medium_large else "large"
+    ys = (np.arange(H) + 0.5) / H
+    xs = (np.arange(W) + 0.5) / W
+    cy = (mask.sum(1) * ys).sum() / mask.sum()
+    cx = (mask.sum(0) * xs).sum() / mask.sum()
+    row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
+    out["position"] = POSITIONS[3 * row + col]
+    return out
+
+
+def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
+    """Fraction of the attributes in attrs (restricted to keys) that the image shows.
+    "shape" counts only if shape_classifier(image) -> class index or name is given."""
+    keys = [k for k in keys if k in attrs and (k != "shape" or shape_classifier is not None)]
+    if not keys:
+        raise ValueError("no attribute to score")
+    seen = read_attributes(image)
+    if "shape" in keys:
+        pred = shape_classifier(image)
+        seen["shape"] = pred if isinstance(pred, str) else CLASS_NAMES[int(pred)]
+    return sum(seen.get(k) == attrs[k] for k in keys) / len(keys)
