@@ -2,11 +2,13 @@
 The officially released VAR weights: their architectures, where to get them, and strict loading.
 
     vae, var = load_released(depth=16)   # finds or downloads vae_ch160v4096z32.pth and var_d16.pth
+    vae, var = load_backbone('checkpoints/shapes')   # a small backbone folder (backbone.json + weights)
 
 Files are looked up in the cache directory (--cache_dir, else $MVP_CACHE, else ~/.cache/mvp) and downloaded
 from the release page when missing. Offline, the download fails at once with one line naming the URL and the
 path where the file can be put by hand. Everything loads with strict=True.
 """
+import json
 import os
 import urllib.error
 import urllib.request
@@ -99,4 +101,34 @@ def load_released(depth: int = 16, cache_dir: Optional[str] = None, device='cpu'
     for model, filename in ((vae, VAE_FILE), (var, f'var_d{depth}.pth')):
         path = download(filename, cache_dir)
         load_into(model, read_state_dict(path), path, f'{type(model).__name__} {filename}')
+    return vae.to(device).eval(), var.to(device).eval()
+
+
+def save_backbone(folder: str, vae: VQVAE, vae_kwargs: dict, var: VAR, var_kwargs: dict, half: bool = True):
+    """A small backbone as a folder: backbone.json (the constructor arguments) + vqvae.pth + var.pth (fp16 if half)."""
+    os.makedirs(folder, exist_ok=True)
+    for model, name in ((vae, 'vqvae.pth'), (var, 'var.pth')):
+        state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(folder, name + '.part'))
+        os.replace(os.path.join(folder, name + '.part'), os.path.join(folder, name))
+    with open(os.path.join(folder, 'backbone.json'), 'w') as f:
+        json.dump({'vqvae': vae_kwargs, 'var': var_kwargs}, f, indent=1)
+
+
+def load_backbone(backbone: str = 'released', depth: int = 16, cache_dir: Optional[str] = None,
+                  device='cpu') -> Tuple[VQVAE, VAR]:
+    """'released': the official VQVAE + VAR-d{depth}; otherwise a folder written by save_backbone."""
+    if backbone == 'released':
+        return load_released(depth, cache_dir, device)
+    config_path = os.path.join(backbone, 'backbone.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f'{backbone} is neither "released" nor a backbone folder (no {config_path})')
+    with open(config_path) as f:
+        config = json.load(f)
+    vae, var = VQVAE(**config['vqvae']), VAR(**config['var'])
+    for model, name in ((vae, 'vqvae.pth'), (var, 'var.pth')):
+        path = os.path.join(backbone, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'missing {path}')
+        load_into(model, read_state_dict(path), path, f'the {type(model).__name__} of {config_path}')
     return vae.to(device).eval(), var.to(device).eval()

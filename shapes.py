@@ -252,6 +252,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split, n, image_size=64, seed=0):
         self.items = make_split(split, n, seed)
         self.image_size = image_size
+        self.class_names = list(CLASS_NAMES)
 
     def __len__(self):
         return len(self.items)

@@ -39,3 +39,27 @@ def tiny_clip():
     torch.manual_seed(0)
     model = open_clip.model.CLIP(**TINY_CLIP_CFG).eval().requires_grad_(False)
     return FrozenClip(model, open_clip.get_tokenizer('ViT-B-32'))
+
+
+def write_tiny_backbone(folder: str, num_classes: int = 10) -> str:
+    """A random tiny backbone folder as train.py/sample.py read it: backbone.json + weights + clip/ (open_clip local-dir)."""
+    import json
+    import open_clip
+    from safetensors.torch import save_file
+    from pretrained import save_backbone
+    torch.manual_seed(0)
+    vae_kwargs = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=TINY_PATCH_NUMS)
+    var_kwargs = dict(vocab_size=32, z_channels=8, depth=2, width=64, num_heads=2, num_classes=num_classes,
+                      patch_nums=TINY_PATCH_NUMS)
+    save_backbone(folder, VQVAE(**vae_kwargs), vae_kwargs, VAR(**var_kwargs), var_kwargs, half=False)
+    clip_dir = os.path.join(folder, 'clip')
+    os.makedirs(clip_dir, exist_ok=True)
+    with open(os.path.join(clip_dir, 'open_clip_config.json'), 'w') as f:
+        json.dump({'model_cfg': TINY_CLIP_CFG, 'preprocess_cfg': {}}, f)
+    save_file(open_clip.model.CLIP(**TINY_CLIP_CFG).state_dict(), os.path.join(clip_dir, 'open_clip_model.safetensors'))
+    return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_backbone(tmp_path_factory):
+    return write_tiny_backbone(str(tmp_path_factory.mktemp('backbone')))

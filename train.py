@@ -1,0 +1,434 @@
+"""
+MVP fine-tuning of a frozen, pretrained VAR, end to end (MVP paper, Sec. 3 and 4.1).
+
+Only the prompt tokens train (plus, for text-to-image, a projection of CLIP's text features onto VAR's
+condition); the VQVAE, the VAR transformer and CLIP stay frozen. One step:
+  1. image -> VQVAE token maps R_1..R_K (frozen) -> the teacher-forcing input
+  2. VAR forward with the frame prompts added to every scale's input tokens (Eq. 6) -> logits
+  3. L = CE(logits, R) + lambda_sen * L_CLIP(I_sen, sentence) + lambda_cap * L_CLIP(I_cap, caption)  (Eq. 7-9)
+
+    python train.py --depth 16 --tau 20 --data /path/to/imagenet --captions captions.jsonl
+    python train.py --backbone checkpoints/shapes --data shapes --max_steps 300     # the offline world
+    python train.py --backbone checkpoints/shapes --data shapes --t2i               # text-to-image
+    torchrun --nproc_per_node 8 train.py --depth 16 --tau 20 --data ...             # several GPUs (DDP)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
+from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
+from pretrained import default_cache_dir, load_backbone
+from text_condition import TextCondition
+
+# the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them
+ARCHITECTURE_KEYS = ('backbone', 'depth', 'prompt', 'tau', 'placement', 'placement_seed', 'first_scale', 't2i')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description='MVP: tune multi-scale frame prompts of a frozen VAR.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('backbone')
+    g.add_argument('--backbone', default='released', help='"released" (the official weights) or a backbone folder')
+    g.add_argument('--depth', type=int, default=16, help='released VAR depth: 16, 20, 24, 30 or 36')
+    g.add_argument('--cache_dir', default=None, help=f'where released weights are cached (default {default_cache_dir()})')
+    g = p.add_argument_group('prompts')
+    g.add_argument('--prompt', default='mvp', choices=('mvp', 'prefilled'), help='frame prompts, or the prefilled baseline (Table 4)')
+    g.add_argument('--tau', type=int, default=20, help='a scale whose frame exceeds tau tokens gets four L-shapes')
+    g.add_argument('--placement', default='frame', choices=PLACEMENTS, help='prompt positions (Table 5 ablation)')
+    g.add_argument('--placement_seed', type=int, default=0, help='seed of the random placement')
+    g.add_argument('--first_scale', default='auto', choices=('auto', 'on', 'off'),
+                   help='prompt the 1x1 first scale; auto: off for class-to-image, on for text-to-image (Table 6)')
+    g.add_argument('--t2i', action='store_true', help='text-to-image: the caption replaces the class as condition')
+    g = p.add_argument_group('semantic loss')
+    g.add_argument('--beta', type=float, default=0.6, help='kappa = floor(beta * K): the scale of I_sen')
+    g.add_argument('--lambda_sen', type=float, default=1.0, help='weight of the sentence loss (0: off)')
+    g.add_argument('--lambda_cap', type=float, default=1.0, help='weight of the caption loss (0: off)')
+    g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
+    g.add_argument('--gumbel', action='store_true', help='straight-through Gumbel-softmax tokens instead of soft ones')
+    g.add_argument('--clip_model', default=None, help=f'open_clip model name or model folder (default {DEFAULT_CLIP[0]}, '
+                   'or the backbone folder\'s clip/)')
+    g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1], help='open_clip pretrained tag or checkpoint file')
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default=None, help='ImageNet-style folder (DATA/train/<class>/*), or "shapes"')
+    g.add_argument('--captions', default=None, help='JSONL of {"path": ..., "caption": ...} (paths relative to --data)')
+    g.add_argument('--class_names', default=None, help='class names, one per line in sorted folder order')
+    g.add_argument('--shapes_n', type=int, default=5000, help='training images in the shapes world')
+    g.add_argument('--num_workers', type=int, default=2)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch_size', type=int, default=16, help='per process')
+    g.add_argument('--max_steps', type=int, default=5000)
+    g.add_argument('--lr', type=float, default=1e-3)
+    g.add_argument('--min_lr_ratio', type=float, default=0.1, help='cosine decay to lr * this')
+    g.add_argument('--warmup_steps', type=int, default=100)
+    g.add_argument('--weight_decay', type=float, default=0.0)
+    g.add_argument('--grad_clip', type=float, default=1.0)
+    g.add_argument('--cond_drop', type=float, default=0.1, help='probability of the null condition (for CFG)')
+    g.add_argument('--seed', type=int, default=0)
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
+    g.add_argument('--dtype', default='auto', choices=('auto', 'fp32', 'bf16', 'fp16'), help='autocast dtype; auto: bf16 on '
+                   'CUDA if supported, else fp16; fp32 on the CPU')
+    g.add_argument('--compile', action='store_true', help='torch.compile the VAR transformer')
+    g = p.add_argument_group('output')
+    g.add_argument('--out_dir', default='runs/mvp')
+    g.add_argument('--resume', default=None, help='a checkpoint to continue from, or "auto" for OUT_DIR/ckpt.pt if present')
+    g.add_argument('--log_every', type=int, default=10)
+    g.add_argument('--ckpt_every', type=int, default=500)
+    g.add_argument('--sample_every', type=int, default=500, help='write a small sample grid every N steps (0: never)')
+    args = p.parse_args(argv)
+    if args.first_scale == 'auto':
+        args.first_scale = 'on' if args.t2i else 'off'
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the model: frozen backbone + what MVP trains
+
+
+class TunedParts(nn.Module):
+    """Everything MVP trains: the prompt, and in text-to-image mode the text projection. DDP wraps this module."""
+
+    def __init__(self, prompt: nn.Module, text_cond: nn.Module = None):
+        super().__init__()
+        self.prompt, self.text_cond = prompt, text_cond
+
+    def forward(self, text_feats_BD=None):
+        """-> (prompt map F (1, L, C) or None, prefix (1, P, C) or None, text condition (B, C) or None)."""
+        prompt_out = self.prompt()
+        is_prefix = isinstance(self.prompt, PrefilledPrompt)
+        cond = self.text_cond(text_feats_BD) if self.text_cond is not None else None
+        return (None if is_prefix else prompt_out), (prompt_out if is_prefix else None), cond
+
+
+def build_run(cfg: dict, device, need_clip: bool):
+    """Backbone (frozen), trainable parts and, when needed, CLIP, all from a run config (a dict of train.py's flags)."""
+    vae, var = load_backbone(cfg['backbone'], cfg['depth'], cfg.get('cache_dir'), device)
+    frame = FramePrompt(var.patch_nums, var.width, cfg['tau'], cfg['placement'], cfg['first_scale'] == 'on',
+                        cfg['placement_seed'])
+    prompt = frame if cfg['prompt'] == 'mvp' else PrefilledPrompt(len(frame.index), var.width)  # same token budget
+    clip = None
+    if need_clip or cfg['t2i']:
+        clip_model = cfg['clip_model']
+        if clip_model is None:
+            local = os.path.join(cfg['backbone'], 'clip')
+            clip_model = local if os.path.isdir(local) else DEFAULT_CLIP[0]
+        clip = FrozenClip(*load_clip(clip_model, cfg['clip_pretrained'], device)).to(device)
+    text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width) if cfg['t2i'] else None
+    for frozen in (vae, var, clip):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval()
+    return vae, var, clip, TunedParts(prompt, text_cond).to(device)
+
+
+def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
+    """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
+    random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""
+    cond = var.class_emb(labels) if text_cond_BD is None else text_cond_BD
+    if drop:
+        null = torch.rand(cond.shape[0], 1, device=cond.device) < cond_drop
+        cond = torch.where(null, var.null_condition(cond.shape[0]).to(cond.dtype), cond)
+    return cond
+
+
+@torch.no_grad()
+def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
+                    use_prompt=True):
+    """Images in [0, 1] (B, 3, H, W) for class labels or (text-to-image) texts; use_prompt=False: the plain VAR."""
+    prompt_map = prefix = text_cond = None
+    if parts is not None:  # None: the plain VAR, nothing trained
+        prompt_map, prefix, text_cond = parts(clip.encode_text(texts) if texts is not None else None)
+    cond = text_cond if texts is not None else var.class_emb(labels)
+    if not use_prompt:
+        prompt_map = prefix = None
+    idx = var.generate(vae, cond, cfg=cfg_scale, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed,
+                       prompt_1LC=prompt_map, prefix_1PC=prefix)
+    return vae.idx_to_img(idx).add(1).mul(0.5).clamp(0, 1)
+
+
+def save_grid(images, path: str, nrow: int = 8):
+    """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
+    B, _, H, W = images.shape
+    nrow = min(nrow, B)
+    rows = math.ceil(B / nrow)
+    grid = Image.new('RGB', (nrow * W + (nrow + 1) * 2, rows * H + (rows + 1) * 2), 'white')
+    arr = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    for i in range(B):
+        grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap')):
+    """A small line plot of the logged losses, one panel per loss (no plotting library needed)."""
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not rows or not keys:
+        return
+    W, H, pad = 360, 200, 30
+    img = Image.new('RGB', (W * len(keys), H), 'white')
+    draw = ImageDraw.Draw(img)
+    for panel, key in enumerate(keys):
+        pts = [(r['step'], r[key]) for r in rows if key in r]
+        x0 = panel * W
+        steps, vals = [s for s, _ in pts], [v for _, v in pts]
+        lo, hi = min(vals), max(vals)
+        hi = hi if hi > lo else lo + 1e-6
+        smax = max(max(steps), 1)
+        xy = [(x0 + pad + (s / smax) * (W - 2 * pad), H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)) for s, v in pts]
+        draw.rectangle((x0 + pad, pad, x0 + W - pad, H - pad), outline=(180, 180, 180))
+        if len(xy) > 1:
+            draw.line(xy, fill=(40, 90, 200), width=2)
+        draw.text((x0 + pad, 8), f'{key}  (last {vals[-1]:.4f})', fill='black')
+        draw.text((x0 + 2, pad - 4), f'{hi:.3g}', fill='gray')
+        draw.text((x0 + 2, H - pad - 6), f'{lo:.3g}', fill='gray')
+        draw.text((x0 + W - pad - 30, H - pad + 6), f'step {smax}', fill='gray')
+    img.save(png_path)
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""
+    tmp = path + '.part'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__})') from None
+    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'parts' not in ckpt:
+        raise ValueError(f'{path} is not an MVP training checkpoint')
+    return ckpt
+
+
+def check_same_architecture(saved: dict, wanted: dict, path: str):
+    for key in ARCHITECTURE_KEYS:
+        if saved.get(key) != wanted.get(key):
+            raise ValueError(f'{path} was trained with --{key} {saved.get(key)}, not {wanted.get(key)}: '
+                             f'start a new --out_dir or use the same settings')
+
+
+def load_run(path: str, device='cpu', need_clip: bool = False):
+    """Rebuild a trained run from its checkpoint: (config, vae, var, clip or None, trained parts)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt['config']
+    vae, var, clip, parts = build_run(cfg, device, need_clip)
+    parts.load_state_dict(ckpt['parts'], strict=True)
+    return cfg, vae, var, clip, parts.eval()
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_dataset(args, image_size: int):
+    if args.data is None:
+        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder) or --data shapes')
+    if args.data == 'shapes':
+        from shapes import ShapesDataset
+        return ShapesDataset('train', args.shapes_n, image_size=image_size, seed=args.seed)
+    from data import FolderDataset
+    dataset = FolderDataset(args.data, 'train', image_size, args.captions, args.class_names, train=True, seed=args.seed)
+    if args.captions and dataset.missing_captions:
+        print(f'{dataset.missing_captions} of {len(dataset)} images have no caption in {args.captions}: '
+              f'they use their sentence instead')
+    return dataset
+
+
+def batches_of_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int):
+    """This process's batches of one epoch: a seeded permutation, split across processes, the last partial batch dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    per_step = batch_size * world
+    return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, n - per_step + 1, per_step)]
+
+
+def collate(items):
+    images, labels, sentences, captions = zip(*items)
+    return torch.stack(images), torch.tensor(labels), list(sentences), list(captions)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = 'RANK' in os.environ
+    if ddp:
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo')
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    if args.device == 'auto':
+        device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
+    else:
+        device = torch.device(args.device if not (ddp and args.device == 'cuda') else f'cuda:{local_rank}')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype)
+    if dtype is None:  # auto
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == 'cuda' else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    # --- resume: the checkpoint's settings must match the ones asked for
+    resume_path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
+    ckpt = None
+    if resume_path and (args.resume != 'auto' or os.path.isfile(resume_path)):
+        ckpt = load_checkpoint(resume_path)
+        check_same_architecture(ckpt['config'], vars(args), resume_path)
+
+    # --- model and data
+    semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
+    vae, var, clip, parts = build_run(vars(args), device, need_clip=semantic_on)
+    var.cond_drop_rate = args.cond_drop
+    dataset = build_dataset(args, vae.image_size)
+    if args.t2i:  # start the text projection at the least-squares map from class sentences to class embeddings
+        sentence_feats = clip.encode_text([f'a photo of a {name}' for name in dataset.class_names])
+        parts.text_cond.init_least_squares(sentence_feats, var.class_emb.weight[:len(dataset.class_names)])
+    semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
+                            args.gumbel) if semantic_on else None
+    forward_var = torch.compile(var) if args.compile else var
+    trainable = [p for p in parts.parameters()]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = 0
+    if ckpt is not None:
+        parts.load_state_dict(ckpt['parts'], strict=True)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        torch.set_rng_state(ckpt['rng']['torch'][rank])
+        if device.type == 'cuda' and ckpt['rng'].get('cuda'):
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank], device)
+    model = torch.nn.parallel.DistributedDataParallel(parts, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if ddp else parts
+    n_trainable = sum(p.numel() for p in trainable)
+    n_frozen = sum(p.numel() for p in var.parameters())
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
+            json.dump(vars(args), f, indent=1)
+        print(json.dumps(vars(args), indent=1))
+        print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_frozen:.3f}% of the frozen VAR\'s {n_frozen:,}); '
+              f'prompt tokens per scale: {parts.prompt.counts() if hasattr(parts.prompt, "counts") else parts.prompt.tokens.shape[1]}')
+        print(f'data: {len(dataset):,} images; device {device}, autocast {dtype}, world size {world}'
+              + (f'; resuming at step {step}' if step else ''))
+
+    def lr_at(s):  # linear warm-up, then cosine decay to min_lr_ratio * lr
+        if s < args.warmup_steps:
+            return args.lr * (s + 1) / args.warmup_steps
+        t = (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+    def save(path):
+        rng_torch = [torch.get_rng_state()]
+        rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == 'cuda' else []
+        if ddp:  # every rank's RNG, so each continues its own stream
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
+            rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
+        if master:
+            atomic_save({'config': vars(args), 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
+
+    steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, world))
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes')
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+    if master and step == 0 and os.path.exists(log_path):
+        os.remove(log_path)
+    sample_labels = torch.arange(min(8, var.num_classes), device=device)
+    sample_texts = [dataset[i][3] for i in range(min(8, len(dataset)))]
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0 = time.time()
+    while step < args.max_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        if hasattr(dataset, 'epoch'):
+            dataset.epoch = epoch
+        batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, rank, world)[offset:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
+                                             num_workers=args.num_workers, persistent_workers=False)
+        for images, labels, sentences, captions in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                idx = vae.img_to_idx(images)  # K maps (B, pn*pn): the targets
+                x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
+            text_feats = clip.encode_text(captions) if args.t2i else None
+            with autocast:
+                prompt_map, prefix, text_cond = model(text_feats)
+                cond = conditions(var, text_cond, labels, drop=True, cond_drop=args.cond_drop)
+                logits = forward_var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
+                ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+                losses = {'ce': ce}
+                loss = ce
+                if semantic is not None:
+                    sem = semantic(logits, sentences, captions)
+                    losses.update(sen=sem['sen'], cap=sem['cap'])
+                    loss = loss + sem['semantic']  # Eq. 9
+            finite = torch.tensor(float(torch.isfinite(loss)), device=device)
+            if ddp:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                if master:
+                    print(f'\nstopping: the loss is {loss.item()} at step {step}; the last good checkpoint in '
+                          f'{args.out_dir} is untouched', file=sys.stderr)
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(1)
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            if master and (step % args.log_every == 0 or step == args.max_steps):
+                row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
+                       'grad_norm': grad_norm.item(), 'lr': lr_at(step - 1), 'time': round(time.time() - t0, 2)}
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+                bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
+            bar.update(1)
+            if args.sample_every and step % args.sample_every == 0 and master:
+                images_out = generate_images(vae, var, parts, clip, labels=None if args.t2i else sample_labels,
+                                             texts=sample_texts if args.t2i else None, seed=args.seed)
+                save_grid(images_out, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                save(os.path.join(args.out_dir, 'ckpt.pt'))
+            if step >= args.max_steps:
+                break
+    bar.close()
+    if master:
+        plot_losses(log_path, os.path.join(args.out_dir, 'losses.png'))
+        print(f'done: {step} steps in {time.time() - t0:.1f}s; checkpoint {os.path.join(args.out_dir, "ckpt.pt")}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        sys.exit(f'error: {e}')
