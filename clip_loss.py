@@ -62,19 +62,24 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
     """A frozen open_clip model in eval mode and its tokenizer.
 
     model_name: an open_clip model name, or a folder in open_clip's local-dir layout
-    (open_clip_config.json + open_clip_model.safetensors), in which case `pretrained` is ignored.
-    pretrained: an open_clip tag ('openai', 'laion2b_s34b_b88k', ...), a checkpoint file, or None (random weights).
+    (open_clip_config.json + open_clip_model.safetensors).
+    pretrained: an open_clip tag ('openai', 'laion2b_s34b_b88k', ...), a checkpoint file for model_name,
+    a local-dir folder (then model_name is ignored), or None (random weights).
     """
     import open_clip
-    if os.path.isdir(model_name):
-        if not os.path.isfile(os.path.join(model_name, 'open_clip_config.json')):
-            raise FileNotFoundError(f'{model_name} has no open_clip_config.json: not an open_clip model folder')
-        name, pretrained = 'local-dir:' + os.path.abspath(model_name), None
+    folder = model_name if os.path.isdir(model_name) else pretrained if pretrained and os.path.isdir(pretrained) else None
+    quick_gelu = False
+    if folder:
+        if not os.path.isfile(os.path.join(folder, 'open_clip_config.json')):
+            raise FileNotFoundError(f'{folder} has no open_clip_config.json: not an open_clip model folder')
+        name, pretrained = 'local-dir:' + os.path.abspath(folder), None
     else:
         name = model_name
         if pretrained and not os.path.isfile(pretrained):
             check_clip_weights_reachable(model_name, pretrained)
-    model = open_clip.create_model(name, pretrained=pretrained, device=device)
+            # OpenAI's weights were trained with QuickGELU, which the plain configs (ViT-B-16, ...) lack
+            quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get('quick_gelu'))
+    model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
     tokenizer = open_clip.get_tokenizer(name)
     model.eval().requires_grad_(False)
     return model, tokenizer

@@ -352,3 +352,29 @@ def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
         pred = shape_classifier(image)
         seen["shape"] = pred if isinstance(pred, str) else CLASS_NAMES[int(pred)]
     return sum(seen.get(k) == attrs[k] for k in keys) / len(keys)
+
+
+class ShapeClassifier(torch.nn.Module):
+    """A small CNN that names the shape kind of a [-1, 1] image (any size; resized to 64); trained by pretrain.py."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        layers, channels = [], 3
+        for width in (32, 64, 128):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, NUM_CLASSES)
+
+    def forward(self, img_B3HW):  # (B, 3, H, W) in [-1, 1] -> logits (B, NUM_CLASSES)
+        if img_B3HW.shape[-1] != 64:
+            img_B3HW = torch.nn.functional.interpolate(img_B3HW, size=(64, 64), mode="bilinear", align_corners=False)
+        return self.head(self.features(img_B3HW).mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def predict(self, image):
+        """One image (uint8 HxWx3, PIL, or a [-1, 1] tensor) -> class index, as attribute_accuracy's shape_classifier."""
+        x = torch.as_tensor(to_tensor(_as_array(image))).unsqueeze(0).to(next(self.parameters()).device)
+        return int(self(x).argmax(dim=1))
