@@ -134,6 +134,12 @@ def build_run(cfg: dict, device, need_clip: bool):
     return vae, var, clip, TunedParts(prompt, text_cond).to(device)
 
 
+def init_text_projection(parts: TunedParts, clip: FrozenClip, var, class_names):
+    """Start the text projection at the least-squares map from "a photo of a {class}" to VAR's class embeddings."""
+    sentence_feats = clip.encode_text([f'a photo of a {name}' for name in class_names])
+    parts.text_cond.init_least_squares(sentence_feats, var.class_emb.weight[:len(class_names)])
+
+
 def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
     """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
     random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""
@@ -302,9 +308,8 @@ def main(argv=None):
     vae, var, clip, parts = build_run(vars(args), device, need_clip=semantic_on)
     var.cond_drop_rate = args.cond_drop
     dataset = build_dataset(args, vae.image_size)
-    if args.t2i:  # start the text projection at the least-squares map from class sentences to class embeddings
-        sentence_feats = clip.encode_text([f'a photo of a {name}' for name in dataset.class_names])
-        parts.text_cond.init_least_squares(sentence_feats, var.class_emb.weight[:len(dataset.class_names)])
+    if args.t2i:
+        init_text_projection(parts, clip, var, dataset.class_names)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
                             args.gumbel) if semantic_on else None
     forward_var = torch.compile(var) if args.compile else var

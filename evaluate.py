@@ -1,0 +1,103 @@
+"""
+Score a tuned run on the shapes world, against the same backbone without MVP.
+
+    python evaluate.py --ckpt runs/quickstart/ckpt.pt
+
+Class-to-image: FD between samples and held-out renders in the tiny CLIP's feature space (FD_clip, lower is
+better; never called FID: these are not Inception features) and the fraction of samples the shape classifier
+recognises as their class. Text-to-image, for held-out captions: attribute accuracy (the fraction of the caption's
+shape, colour, size, position and background that the image shows, read by shapes.read_attributes and the shape
+classifier), CLIP-score (100 * cosine in the tiny CLIP) and FD_clip. "before" is the same backbone with nothing
+trained: the plain VAR for class-to-image; zero prompts and the least-squares text projection for text-to-image.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import shapes
+from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
+from train import generate_images, init_text_projection, load_run
+
+
+def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
+    return (images_B3HW.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def load_classifier(backbone: str):
+    classifier = shapes.ShapeClassifier()
+    path = os.path.join(backbone, 'shape_classifier.pth')
+    classifier.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    return classifier.eval()
+
+
+def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:
+    return frechet_distance(*feature_statistics(features.images(generated)), *reference_stats)
+
+
+@torch.no_grad()
+def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
+                 device='cpu') -> dict:
+    cfg, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
+    classifier = load_classifier(cfg['backbone'])
+    features = ClipFeatures(pretrained=os.path.join(cfg['backbone'], 'clip'), device=device)
+    reference_items = shapes.make_split('test', max(per_class * var.num_classes, n_texts), seed)
+    reference = np.stack([shapes.render(a, vae.image_size) for a in reference_items])
+    reference_stats = feature_statistics(features.images(reference))
+    results = {}
+    if not cfg['t2i']:
+        labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
+        for name, use_prompt in (('before', False), ('after', True)):
+            images = torch.cat([generate_images(vae, var, parts, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
+                                                seed=seed + i, use_prompt=use_prompt) for i in range(0, len(labels), 100)])
+            recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().mean().item()
+            results[name] = {'FD_clip': fd_clip(features, to_uint8(images), reference_stats), 'class_accuracy': recognised}
+        return results
+    items = reference_items[:n_texts]
+    captions = [shapes.caption(a) for a in items]
+    untrained = load_run(ckpt, device, need_clip=True)[4]  # the same run's modules, before any step:
+    untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init) ...
+    init_text_projection(untrained, clip, var, shapes.CLASS_NAMES)  # ... and the least-squares projection
+    for name, tuned in (('before', untrained), ('after', parts)):
+        images = torch.cat([generate_images(vae, var, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
+                                            seed=seed + i) for i in range(0, len(captions), 50)])
+        arrays = to_uint8(images)
+        accuracy = np.mean([shapes.attribute_accuracy(im, a, shape_classifier=classifier.predict) for im, a in zip(arrays, items)])
+        score = clip_score(features.images(arrays), features.texts(captions))
+        results[name] = {'FD_clip': fd_clip(features, arrays, reference_stats), 'attribute_accuracy': float(accuracy),
+                         'clip_score': score}
+    return results
+
+
+def format_results(results: dict) -> str:
+    keys = list(results['before'])
+    lines = ['| | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
+    for name, row in results.items():
+        lines.append(f'| {name} | ' + ' | '.join(f'{row[k]:.4f}' for k in keys) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Evaluate an MVP run on the shapes world (before vs after tuning).')
+    p.add_argument('--ckpt', required=True, help='a checkpoint of train.py run on a shapes backbone')
+    p.add_argument('--per_class', type=int, default=20, help='class-to-image samples per class')
+    p.add_argument('--n_texts', type=int, default=200, help='text-to-image: held-out captions')
+    p.add_argument('--cfg', type=float, default=1.5)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', default=None, help='also write the results here')
+    args = p.parse_args(argv)
+    results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg)
+    print(format_results(results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        sys.exit(f'error: {e}')
