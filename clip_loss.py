@@ -72,6 +72,8 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
     if folder:
         if not os.path.isfile(os.path.join(folder, 'open_clip_config.json')):
             raise FileNotFoundError(f'{folder} has no open_clip_config.json: not an open_clip model folder')
+        if not any(f.endswith(('.safetensors', '.bin', '.pth')) for f in os.listdir(folder)):  # open_clip would
+            raise FileNotFoundError(f'{folder} has no CLIP weights (*.safetensors, *.bin or *.pth)')  # go random
         name, pretrained = 'local-dir:' + os.path.abspath(folder), None
     else:
         name = model_name
@@ -125,7 +127,9 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, texts:
     """Symmetric image-text InfoNCE over the batch: (L_IT + L_TI) / 2 (MVP Sec. 3.3, as CLIP).
 
     Identical texts in a batch (two images of one class share "a photo of a {class}") are all correct
-    matches: the target spreads evenly over them instead of calling one of them a negative.
+    matches: the target spreads evenly over them. (With the identical features a frozen text tower gives
+    them, this equals CLIP's one-hot loss summed over the batch; either way the lowest loss is
+    log(number of duplicates), not 0.)
     """
     logits = logit_scale * image_feats @ text_feats.T  # (B, B): image i vs text j
     ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}

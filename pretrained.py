@@ -8,6 +8,7 @@ Files are looked up in the cache directory (--cache_dir, else $MVP_CACHE, else ~
 from the release page when missing. Offline, the download fails at once with one line naming the URL and the
 path where the file can be put by hand. Everything loads with strict=True.
 """
+import http.client
 import json
 import os
 import urllib.error
@@ -50,12 +51,14 @@ def download(filename: str, cache_dir: str, timeout: float = 10.0) -> str:
         return path
     url = RELEASE_URL + filename
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + '.part'
+    tmp = f'{path}.{os.getpid()}.part'  # per process: DDP ranks may download at the same time
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as out:
             while chunk := response.read(1 << 22):
                 out.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
+            if response.length:  # the server hung up early: read() returns b'' instead of raising
+                raise http.client.IncompleteRead(b'', response.length)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = getattr(e, 'reason', e)
