@@ -39,6 +39,8 @@ def load_captions(path: str) -> Dict[str, str]:
 
 
 def class_names_for(root: str, folders: List[str], class_names_file: Optional[str]) -> List[str]:
+    if class_names_file and not os.path.isfile(class_names_file):
+        raise FileNotFoundError(f'no class names file {class_names_file}')
     path = class_names_file or os.path.join(root, 'class_names.txt')
     if os.path.isfile(path):
         with open(path, encoding='utf-8') as f:

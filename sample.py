@@ -68,7 +68,7 @@ def main(argv=None):
     cfg, vae, var, clip, parts = load_models(args, device)
     if args.text is not None and not cfg['t2i']:
         raise ValueError(f'{args.ckpt} is a class-to-image checkpoint: use --class_id, or a checkpoint from train.py --t2i')
-    if args.class_id is not None and cfg['t2i']:
+    if (args.class_id is not None or args.eval_npz) and cfg['t2i']:
         raise ValueError(f'{args.ckpt} is a text-to-image checkpoint: use --text')
     settings = dict(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, use_prompt=not args.no_prompt and bool(args.ckpt))
 

@@ -226,7 +226,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 def check_same_architecture(saved: dict, wanted: dict, path: str):
-    for key in ARCHITECTURE_KEYS:
+    text_keys = ('clip_model', 'clip_pretrained') if wanted.get('t2i') else ()  # the text projection reads this CLIP
+    for key in ARCHITECTURE_KEYS + text_keys:
         if saved.get(key) != wanted.get(key):
             raise ValueError(f'{path} was trained with --{key} {saved.get(key)}, not {wanted.get(key)}: '
                              f'start a new --out_dir or use the same settings')
@@ -322,6 +323,9 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         step = ckpt['step']
+        if len(ckpt['rng']['torch']) != world:
+            raise ValueError(f'{resume_path} was written by {len(ckpt["rng"]["torch"])} processes, not {world}: '
+                             f'resume with the same number of processes')
         torch.set_rng_state(ckpt['rng']['torch'][rank])
         if device.type == 'cuda' and ckpt['rng'].get('cuda'):
             torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank], device)
@@ -360,8 +364,11 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes')
     log_path = os.path.join(args.out_dir, 'log.jsonl')
-    if master and step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
+    if master and os.path.exists(log_path):  # a new run starts an empty log; a resumed one drops rows past its checkpoint
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
     sample_labels = torch.arange(min(8, var.num_classes), device=device)
     sample_texts = [dataset[i][3] for i in range(min(8, len(dataset)))]
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -372,7 +379,8 @@ def main(argv=None):
             dataset.epoch = epoch
         batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, rank, world)[offset:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
-                                             num_workers=args.num_workers, persistent_workers=False)
+                                             num_workers=args.num_workers, persistent_workers=False,
+                                             generator=torch.Generator())  # not the global RNG: resume stays exact
         for images, labels, sentences, captions in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.no_grad():
@@ -395,7 +403,7 @@ def main(argv=None):
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() == 0:
                 if master:
-                    print(f'\nstopping: the loss is {loss.item()} at step {step}; the last good checkpoint in '
+                    print(f'\nstopping: the loss is {loss.item()} at step {step + 1}; the last good checkpoint in '
                           f'{args.out_dir} is untouched', file=sys.stderr)
                 if ddp:
                     dist.destroy_process_group()

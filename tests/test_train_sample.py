@@ -1,0 +1,514 @@
+"""End-to-end tests of train.py and sample.py on the tiny random backbone of conftest.py (CPU, a few steps each).
+
+Training and sampling run in-process (train.main / sample.main); the command-line error paths, DDP (torchrun) and the
+NaN stop run as real subprocesses. Everything runs single-threaded: the machine is small and shared.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sample  # noqa: E402
+import train  # noqa: E402
+from clip_loss import load_clip  # noqa: E402
+from pretrained import load_backbone  # noqa: E402
+
+IMAGE = 32  # the tiny backbone's image size: patch_nums (1, 2, 3, 4) x downsample 8
+PAD = 2  # save_grid's padding between and around the images
+DATA = ['--data', 'shapes', '--shapes_n', '64', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu']
+NO_SEMANTIC = ['--lambda_sen', '0', '--lambda_cap', '0']
+CAPTION = 'a large green circle in the center on a white background'
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_argv(backbone, out_dir, *extra):
+    return ['--backbone', backbone, '--out_dir', str(out_dir), *DATA, *map(str, extra)]
+
+
+def grid_size(rows, cols, size=IMAGE):
+    return cols * size + (cols + 1) * PAD, rows * size + (rows + 1) * PAD  # PIL's (width, height)
+
+
+def png(path):
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def file_hashes(folder):
+    hashes = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                hashes[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def run_cli(args, timeout=180, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env={**SUBPROCESS_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    """A clean CLI failure: exit code != 0, exactly one stderr line, starting with 'error:', no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert 'Traceback' not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# runs shared by several tests
+
+
+@pytest.fixture(scope='module')
+def c2i_run(tiny_backbone, tmp_path_factory):
+    """Class-to-image, semantic loss on, 4 steps; the frozen models are captured from the live run."""
+    out_dir = str(tmp_path_factory.mktemp('c2i') / 'run')
+    argv = train_argv(tiny_backbone, out_dir, '--max_steps', 4, '--log_every', 2, '--ckpt_every', 2, '--sample_every', 2)
+    hashes_before = file_hashes(tiny_backbone)
+    captured = {}
+    real_build_run = train.build_run
+
+    def build_run(*args, **kwargs):
+        captured['models'] = real_build_run(*args, **kwargs)
+        return captured['models']
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, 'build_run', build_run)
+        train.main(argv)
+    return dict(out_dir=out_dir, argv=argv, hashes_before=hashes_before, models=captured['models'])
+
+
+@pytest.fixture(scope='module')
+def t2i_run(tiny_backbone, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('t2i') / 'run')
+    train.main(train_argv(tiny_backbone, out_dir, '--t2i', '--max_steps', 3, '--log_every', 1, '--sample_every', 0))
+    return out_dir
+
+
+@pytest.fixture(scope='module')
+def strong_prompt_run(tiny_backbone, tmp_path_factory):
+    """Class-to-image with a huge learning rate, so that the prompt is far from zero."""
+    out_dir = str(tmp_path_factory.mktemp('strong') / 'run')
+    train.main(train_argv(tiny_backbone, out_dir, *NO_SEMANTIC, '--lr', 0.5, '--warmup_steps', 0, '--max_steps', 3,
+                          '--sample_every', 0))
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# 1. class-to-image training
+
+
+def test_c2i_outputs(c2i_run):
+    out_dir = c2i_run['out_dir']
+    for name in ('ckpt.pt', 'config.json', 'log.jsonl', 'losses.png', 'samples/step_000002.png',
+                 'samples/step_000004.png'):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+    assert not os.path.exists(os.path.join(out_dir, 'ckpt.pt.part'))
+
+    with open(os.path.join(out_dir, 'config.json')) as f:
+        config = json.load(f)
+    assert config == vars(train.get_args(c2i_run['argv']))  # the resolved config ...
+    assert config['first_scale'] == 'off'  # ... with 'auto' resolved (class-to-image: the first scale is off)
+
+    rows = read_log(out_dir)
+    assert [r['step'] for r in rows] == [2, 4]
+    for r in rows:
+        for key in ('loss', 'ce', 'sen', 'cap', 'grad_norm', 'lr'):
+            assert np.isfinite(r[key]), (key, r)
+        assert r['loss'] == pytest.approx(r['ce'] + r['sen'] + r['cap'], rel=1e-5)  # lambda_sen = lambda_cap = 1
+
+    with Image.open(os.path.join(out_dir, 'losses.png')) as img:
+        assert img.size == (4 * 360, 200)  # one panel each for loss, ce, sen, cap
+    with Image.open(os.path.join(out_dir, 'samples', 'step_000002.png')) as img:
+        assert img.size == grid_size(1, 8)  # the first 8 of the 10 classes, one row
+
+
+def test_c2i_checkpoint_holds_only_the_trained_parts(c2i_run, tiny_backbone):
+    path = os.path.join(c2i_run['out_dir'], 'ckpt.pt')
+    ckpt = load_ckpt(path)
+    assert set(ckpt) == {'config', 'step', 'parts', 'optimizer', 'scaler', 'rng'}
+    assert ckpt['step'] == 4
+    with open(os.path.join(c2i_run['out_dir'], 'config.json')) as f:
+        assert ckpt['config'] == json.load(f)
+    assert list(ckpt['parts']) == ['prompt.tokens']
+    frozen_prefixes = ('blocks.', 'class_emb', 'word_embed', 'head', 'pos_', 'encoder', 'decoder', 'quantize', 'visual',
+                       'transformer', 'var.', 'vae.', 'clip.')
+    assert not [k for k in ckpt['parts'] if k.startswith(frozen_prefixes)]
+    tokens = ckpt['parts']['prompt.tokens']
+    assert tokens.shape == (0 + 4 + 8 + 12, 64)  # frame prompts of scales 2x2, 3x3, 4x4 (tau 20), width 64
+    # small: the prompt and its optimiser state, nothing of the backbone
+    assert os.path.getsize(path) < 200_000
+    assert os.path.getsize(path) < os.path.getsize(os.path.join(tiny_backbone, 'var.pth')) / 4
+    state = ckpt['optimizer']['state']
+    assert len(state) == 1 and state[0]['exp_avg'].shape == tokens.shape and int(state[0]['step']) == 4
+    assert len(ckpt['rng']['torch']) == 1 and ckpt['rng']['torch'][0].dtype == torch.uint8
+    assert ckpt['rng']['cuda'] == []
+
+
+def test_c2i_only_the_prompt_changes(c2i_run, tiny_backbone):
+    assert file_hashes(tiny_backbone) == c2i_run['hashes_before']  # the backbone on disk is untouched
+    vae, var, clip, parts = c2i_run['models']  # the live models of the run, after training
+    fresh_vae, fresh_var = load_backbone(tiny_backbone)
+    fresh_clip, _ = load_clip(os.path.join(tiny_backbone, 'clip'))
+    for live, fresh in ((vae, fresh_vae), (var, fresh_var), (clip.model, fresh_clip)):
+        assert not any(p.requires_grad for p in live.parameters())
+        fresh_state = fresh.state_dict()
+        for k, v in live.state_dict().items():
+            assert torch.equal(v, fresh_state[k]), k
+    tokens = load_ckpt(os.path.join(c2i_run['out_dir'], 'ckpt.pt'))['parts']['prompt.tokens']
+    assert torch.equal(parts.prompt.tokens.detach(), tokens)
+    assert (tokens.abs().sum(dim=1) > 0).all()  # zero at init, every token trained
+
+
+# -----------------------------------------------------------------------------
+# 2. text-to-image
+
+
+def test_t2i_checkpoint(t2i_run):
+    ckpt = load_ckpt(os.path.join(t2i_run, 'ckpt.pt'))
+    assert ckpt['step'] == 3 and ckpt['config']['t2i'] and ckpt['config']['first_scale'] == 'on'
+    assert set(ckpt['parts']) == {'prompt.tokens', 'text_cond.proj.weight', 'text_cond.proj.bias'}
+    assert ckpt['parts']['text_cond.proj.weight'].shape == (64, 32)  # tiny CLIP's 32-d text features -> width 64
+    assert ckpt['parts']['prompt.tokens'].shape == (1 + 4 + 8 + 12, 64)
+    cfg, vae, var, clip, parts = train.load_run(os.path.join(t2i_run, 'ckpt.pt'))
+    assert parts.prompt.counts() == [1, 4, 8, 12]  # the first-scale prompt is on
+    assert clip is not None
+    rows = read_log(t2i_run)
+    assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['loss']) for r in rows)
+
+
+def test_t2i_sample(t2i_run, tmp_path):
+    out, per_image = tmp_path / 'grid.png', tmp_path / 'each'
+    sample.main(['--ckpt', os.path.join(t2i_run, 'ckpt.pt'), '--text', CAPTION, '--n', '2', '--out', str(out),
+                 '--per_image', str(per_image), '--device', 'cpu'])
+    with Image.open(out) as img:
+        assert img.size == grid_size(1, 2)
+    grid = png(out)
+    files = sorted(os.listdir(per_image))
+    assert len(files) == 2 and all(f.endswith('.png') for f in files)
+    for i, name in enumerate(files):
+        single = png(per_image / name)
+        assert single.shape == (IMAGE + 2 * PAD, IMAGE + 2 * PAD, 3)
+        x0 = PAD + i * (IMAGE + PAD)
+        np.testing.assert_array_equal(single[PAD:PAD + IMAGE, PAD:PAD + IMAGE], grid[PAD:PAD + IMAGE, x0:x0 + IMAGE])
+
+
+# -----------------------------------------------------------------------------
+# 3. resuming continues exactly where the interrupted run stopped
+
+
+def test_resume_is_exact(tiny_backbone, tmp_path):
+    common = ['--max_steps', 6, '--log_every', 1, '--sample_every', 0]  # semantic loss on: CLIP and cond-drop RNG
+    train.main(train_argv(tiny_backbone, tmp_path / 'a', *common))
+    train.main(train_argv(tiny_backbone, tmp_path / 'b', *common[:1], 3, *common[2:]))
+    train.main(train_argv(tiny_backbone, tmp_path / 'b', *common, '--resume', 'auto'))
+
+    rows_a, rows_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
+    assert [r['step'] for r in rows_a] == [r['step'] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(rows_a[3:], rows_b[3:]):
+        for key in ('loss', 'ce', 'sen', 'cap', 'lr'):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=0), (ra['step'], key, ra[key], rb[key])
+    ckpt_a, ckpt_b = load_ckpt(tmp_path / 'a' / 'ckpt.pt'), load_ckpt(tmp_path / 'b' / 'ckpt.pt')
+    assert ckpt_a['step'] == ckpt_b['step'] == 6
+    tokens_a, tokens_b = ckpt_a['parts']['prompt.tokens'], ckpt_b['parts']['prompt.tokens']
+    assert tokens_a.abs().max() > 0
+    # not bit-exact: after the restart CLIP's text cache encodes the captions in other batches (float summation order);
+    # that noise is ~2e-6 of the prompt's scale, a lost or extra random draw changes the prompt by ~3e-2 of it
+    torch.testing.assert_close(tokens_b, tokens_a, rtol=1e-5, atol=1e-5 * tokens_a.abs().max().item())
+    # the same number of random draws: the resumed run's RNG ends where the uninterrupted one's does
+    assert torch.equal(ckpt_a['rng']['torch'][0], ckpt_b['rng']['torch'][0])
+
+
+# -----------------------------------------------------------------------------
+# 4. sampling from a class-to-image checkpoint
+
+
+def test_sample_c2i_grid(strong_prompt_run, tmp_path):
+    out = tmp_path / 'grid.png'
+    sample.main(['--ckpt', os.path.join(strong_prompt_run, 'ckpt.pt'), '--class_id', '0,3', '--n', '2', '--out', str(out),
+                 '--device', 'cpu'])
+    with Image.open(out) as img:
+        assert img.size == grid_size(2, 2)  # one row per class
+
+
+def test_sample_prompt_matters_and_no_prompt_is_the_plain_backbone(strong_prompt_run, tiny_backbone, tmp_path):
+    ckpt = os.path.join(strong_prompt_run, 'ckpt.pt')
+    assert load_ckpt(ckpt)['parts']['prompt.tokens'].abs().mean() > 0.1  # clearly non-zero
+    common = ['--class_id', '0', '--n', '2', '--seed', '3', '--device', 'cpu']
+    sample.main(['--ckpt', ckpt, *common, '--out', str(tmp_path / 'prompt.png')])
+    sample.main(['--ckpt', ckpt, *common, '--no_prompt', '--out', str(tmp_path / 'no_prompt.png')])
+    sample.main(['--backbone', tiny_backbone, *common, '--out', str(tmp_path / 'plain.png')])
+    with_prompt, no_prompt, plain = (png(tmp_path / f'{n}.png') for n in ('prompt', 'no_prompt', 'plain'))
+    assert with_prompt.shape == no_prompt.shape == plain.shape == (IMAGE + 2 * PAD, 2 * IMAGE + 3 * PAD, 3)
+    assert not np.array_equal(with_prompt, no_prompt)
+    np.testing.assert_array_equal(no_prompt, plain)
+
+
+def test_sample_eval_npz(strong_prompt_run, tmp_path):
+    out = tmp_path / 'eval.npz'
+    sample.main(['--ckpt', os.path.join(strong_prompt_run, 'ckpt.pt'), '--eval_npz', str(out), '--per_class', '2',
+                 '--num_classes', '3', '--batch_size', '4', '--device', 'cpu'])  # two batches: 4 + 2
+    assert sorted(os.listdir(tmp_path)) == ['eval.npz']  # no temporary file left
+    with np.load(out) as npz:
+        arr, labels = npz['arr_0'], npz['labels']
+    assert arr.dtype == np.uint8 and arr.shape == (6, IMAGE, IMAGE, 3)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert arr.std() > 0
+
+
+# -----------------------------------------------------------------------------
+# 5. DDP on the CPU (torchrun, gloo)
+
+DDP_WRAPPER = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+import train
+
+dump_dir = os.environ['DUMP_DIR']
+captured, batch_calls = {{}}, []
+real_build_run, real_batches_of_epoch, real_destroy = train.build_run, train.batches_of_epoch, dist.destroy_process_group
+
+
+def build_run(*args, **kwargs):  # keep this rank's trained parts
+    models = real_build_run(*args, **kwargs)
+    captured['parts'] = models[-1]
+    return models
+
+
+def batches_of_epoch(n, batch_size, epoch, seed, rank, world):  # record what this rank was given
+    batches = real_batches_of_epoch(n, batch_size, epoch, seed, rank, world)
+    batch_calls.append(dict(epoch=epoch, rank=rank, world=world, batches=batches))
+    return batches
+
+
+def destroy_process_group(*args, **kwargs):  # train.main ends with this on every rank: dump this rank's state first
+    rank = dist.get_rank()
+    state = {{k: v.detach().clone() for k, v in captured['parts'].state_dict().items()}}
+    torch.save(dict(parts=state, batch_calls=batch_calls), os.path.join(dump_dir, f'rank{{rank}}.pt'))
+    return real_destroy(*args, **kwargs)
+
+
+train.build_run, train.batches_of_epoch, dist.destroy_process_group = build_run, batches_of_epoch, destroy_process_group
+train.main(sys.argv[1:])
+'''
+
+
+def test_ddp_two_cpu_processes(tiny_backbone, tmp_path):
+    wrapper = tmp_path / 'ddp_wrapper.py'
+    wrapper.write_text(DDP_WRAPPER.format(root=ROOT))
+    # no condition dropout and no (batch-contrastive) semantic loss: 2 processes x 4 images must equal 1 process x 8
+    argv = train_argv(tiny_backbone, tmp_path / 'ddp', *NO_SEMANTIC, '--cond_drop', 0, '--max_steps', 3,
+                      '--log_every', 1, '--sample_every', 0)
+    result = run_cli(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 2, wrapper, *argv],
+                     env=dict(DUMP_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    assert 'world size 2' in result.stdout
+
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+    ckpt = load_ckpt(tmp_path / 'ddp' / 'ckpt.pt')
+    tokens = ckpt['parts']['prompt.tokens']
+    assert tokens.abs().max() > 0
+    for r in ranks:  # every rank ends with the very same prompt, the one in the checkpoint
+        assert torch.equal(r['parts']['prompt.tokens'], tokens)
+    assert len(ckpt['rng']['torch']) == 2  # each rank's own RNG stream
+    assert not torch.equal(ckpt['rng']['torch'][0], ckpt['rng']['torch'][1])
+    assert [r['step'] for r in read_log(tmp_path / 'ddp')] == [1, 2, 3]  # logged once, by rank 0
+
+    # the ranks trained on disjoint batches (the last call is the training loop's, the epoch-0 call of each rank)
+    seen = []
+    for rank, r in enumerate(ranks):
+        call = r['batch_calls'][-1]
+        assert (call['epoch'], call['rank'], call['world']) == (0, rank, 2)
+        seen.append({i for batch in call['batches'][:3] for i in batch})
+    assert len(seen[0]) == len(seen[1]) == 12 and not seen[0] & seen[1]
+
+    # gradients are averaged over the ranks: the same as one process with the two ranks' batches side by side
+    train.main(train_argv(tiny_backbone, tmp_path / 'single', *NO_SEMANTIC, '--cond_drop', 0, '--max_steps', 3,
+                          '--sample_every', 0, '--batch_size', 8))
+    single = load_ckpt(tmp_path / 'single' / 'ckpt.pt')['parts']['prompt.tokens']
+    torch.testing.assert_close(tokens, single, rtol=1e-5, atol=1e-5 * single.abs().max().item())  # seen: 2e-7
+
+
+def test_batches_of_epoch_split_across_ranks():
+    for n, world in ((64, 2), (70, 2), (70, 3)):
+        per_rank = [train.batches_of_epoch(n, 4, 5, 1, rank, world) for rank in range(world)]
+        steps = (n // (4 * world))
+        assert all(len(b) == steps and all(len(x) == 4 for x in b) for b in per_rank)
+        flat = [i for b in per_rank for batch in b for i in batch]
+        assert len(flat) == len(set(flat)) == steps * 4 * world  # disjoint; only the remainder is dropped
+        assert set(flat) <= set(range(n))
+        for s in range(steps):  # step s of every rank together is one contiguous slice of the epoch's permutation
+            assert sorted(i for b in per_rank for i in b[s]) == sorted(
+                i for i in train.batches_of_epoch(n, 4 * world, 5, 1, 0, 1)[s])
+    assert train.batches_of_epoch(64, 4, 0, 0, 0, 2) == train.batches_of_epoch(64, 4, 0, 0, 0, 2)
+    assert train.batches_of_epoch(64, 4, 0, 0, 0, 2) != train.batches_of_epoch(64, 4, 1, 0, 0, 2)
+
+
+# -----------------------------------------------------------------------------
+# 6. clear command-line errors
+
+
+def test_cli_error_no_data(tiny_backbone, tmp_path):
+    result = run_cli(['train.py', '--backbone', tiny_backbone, '--device', 'cpu', *NO_SEMANTIC, '--out_dir', tmp_path / 'o'])
+    assert_one_line_error(result, '--data')
+
+
+def test_cli_error_empty_data_folder(tiny_backbone, tmp_path):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    result = run_cli(['train.py', '--backbone', tiny_backbone, '--device', 'cpu', *NO_SEMANTIC, '--num_workers', 0,
+                      '--data', tmp_path / 'empty', '--out_dir', tmp_path / 'o'])
+    assert_one_line_error(result, 'no images')
+
+
+def test_cli_error_broken_captions_line(tiny_backbone, tmp_path):
+    from shapes import export_image_folder
+    data = tmp_path / 'data'
+    export_image_folder(str(data), 'train', n_per_class=1, image_size=IMAGE)
+    lines = (data / 'captions.jsonl').read_text().splitlines()
+    lines[2] = lines[2][:-5]  # line 3: cut off mid-object
+    (tmp_path / 'broken.jsonl').write_text('\n'.join(lines) + '\n')
+    result = run_cli(['train.py', '--backbone', tiny_backbone, '--device', 'cpu', *NO_SEMANTIC, '--num_workers', 0,
+                      '--data', data, '--captions', tmp_path / 'broken.jsonl', '--out_dir', tmp_path / 'o'])
+    assert_one_line_error(result, 'line 3', 'broken.jsonl')
+
+
+def test_cli_error_resume_with_other_tau(c2i_run, tiny_backbone, tmp_path):
+    result = run_cli(['train.py', '--backbone', tiny_backbone, *DATA, *NO_SEMANTIC, '--tau', 8,
+                      '--resume', os.path.join(c2i_run['out_dir'], 'ckpt.pt'), '--out_dir', tmp_path / 'o'])
+    assert_one_line_error(result, '--tau', '20', '8')
+
+
+def test_cli_error_sample_empty_text(tmp_path):
+    result = run_cli(['sample.py', '--device', 'cpu', '--text', '', '--out', tmp_path / 'x.png'])
+    assert_one_line_error(result, '--text')
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_cli_error_sample_text_with_c2i_checkpoint(c2i_run, tmp_path):
+    result = run_cli(['sample.py', '--device', 'cpu', '--ckpt', os.path.join(c2i_run['out_dir'], 'ckpt.pt'),
+                      '--text', CAPTION, '--out', tmp_path / 'x.png'])
+    assert_one_line_error(result, 'class-to-image')
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_cli_error_sample_missing_checkpoint(tmp_path):
+    result = run_cli(['sample.py', '--device', 'cpu', '--ckpt', tmp_path / 'nothing.pt', '--class_id', 0,
+                      '--out', tmp_path / 'x.png'])
+    assert_one_line_error(result, 'nothing.pt')
+
+
+def test_cli_error_sample_corrupt_checkpoint(tmp_path):
+    (tmp_path / 'corrupt.pt').write_bytes(np.random.default_rng(0).bytes(4096))
+    result = run_cli(['sample.py', '--device', 'cpu', '--ckpt', tmp_path / 'corrupt.pt', '--class_id', 0,
+                      '--out', tmp_path / 'x.png'])
+    assert_one_line_error(result, 'corrupt.pt')
+
+
+# -----------------------------------------------------------------------------
+# 7. a non-finite loss stops the run and keeps the last good checkpoint
+
+NAN_WRAPPER = '''
+import os, shutil, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.nn.functional as F
+import train
+
+nan_from = int(os.environ['NAN_FROM_CALL'])
+calls = [0]
+real_cross_entropy, real_atomic_save = F.cross_entropy, train.atomic_save
+
+
+def cross_entropy(*args, **kwargs):  # the training loss: finite for the first calls, then NaN
+    calls[0] += 1
+    loss = real_cross_entropy(*args, **kwargs)
+    return loss * float('nan') if calls[0] >= nan_from else loss
+
+
+def atomic_save(obj, path):  # keep a copy of every checkpoint as it was written
+    real_atomic_save(obj, path)
+    shutil.copyfile(path, f"{{path}}.saved_at_step{{obj['step']}}")
+
+
+F.cross_entropy, train.atomic_save = cross_entropy, atomic_save
+train.main(sys.argv[1:])
+'''
+
+
+@pytest.fixture(scope='module')
+def nan_run(tiny_backbone, tmp_path_factory):
+    """Checkpoints every 2 steps; the 4th step's loss is NaN: it stops after step 3, the checkpoint is step 2's."""
+    tmp = tmp_path_factory.mktemp('nan')
+    wrapper = tmp / 'nan_wrapper.py'
+    wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
+    out_dir = tmp / 'run'
+    argv = train_argv(tiny_backbone, out_dir, *NO_SEMANTIC, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 1,
+                      '--sample_every', 0)
+    result = run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL='4'))
+    return dict(result=result, out_dir=out_dir, argv=argv)
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(nan_run):
+    result, out_dir = nan_run['result'], nan_run['out_dir']
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    assert 'nan' in result.stderr and str(out_dir) in result.stderr  # says why, and where the good checkpoint is
+    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt.pt.saved_at_step2', 'config.json', 'log.jsonl']
+    assert (out_dir / 'ckpt.pt').read_bytes() == (out_dir / 'ckpt.pt.saved_at_step2').read_bytes()
+    ckpt = load_ckpt(out_dir / 'ckpt.pt')
+    assert ckpt['step'] == 2 and torch.isfinite(ckpt['parts']['prompt.tokens']).all()
+    rows = read_log(out_dir)
+    assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['loss']) for r in rows)
+
+
+def test_resume_after_a_stop_logs_every_step_once(nan_run, tmp_path):
+    """Resuming from step 2 redoes step 3: the log must not end up with step 3 twice (nor the loss plot go back)."""
+    out_dir = tmp_path / 'run'
+    shutil.copytree(nan_run['out_dir'], out_dir)
+    argv = nan_run['argv']
+    argv[argv.index('--out_dir') + 1] = str(out_dir)
+    train.main(argv + ['--resume', 'auto'])
+    assert load_ckpt(out_dir / 'ckpt.pt')['step'] == 6
+    assert [r['step'] for r in read_log(out_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sample_eval_npz_with_a_t2i_checkpoint_is_a_clear_error(t2i_run, tmp_path):
+    # --class_id is refused for a text-to-image checkpoint; --eval_npz (class-conditional sampling) must be too
+    with pytest.raises(ValueError, match='text-to-image'):
+        sample.main(['--ckpt', os.path.join(t2i_run, 'ckpt.pt'), '--eval_npz', str(tmp_path / 'x.npz'),
+                     '--per_class', '1', '--num_classes', '2', '--device', 'cpu'])
+    assert not (tmp_path / 'x.npz').exists()
