@@ -80,6 +80,15 @@ class Upsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
+def middle(channels: int, dropout: float) -> nn.Module:
+    """The lowest-resolution middle of encoder and decoder: resnet block, self-attention, resnet block."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
         super().__init__()
@@ -98,14 +107,11 @@ class Encoder(nn.Module):
             if not last:
                 stage.downsample = Downsample2x(block_in)
             self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = middle(block_in, dropout)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, Cvae, H/16, W/16)
+    def forward(self, x):  # (B, 3, H, W) -> (B, Cvae, H/f, W/f), f = 2^(len(ch_mult) - 1): 16 as released
         h = self.conv_in(x)
         for stage in self.down:
             for i, block in enumerate(stage.block):
@@ -123,10 +129,7 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = middle(block_in, dropout)
         stages = []
         for level in reversed(range(len(ch_mult))):  # built from the lowest resolution up ...
             stage = nn.Module()
@@ -143,7 +146,7 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
-    def forward(self, z):  # (B, Cvae, h, w) -> (B, 3, 16h, 16w)
+    def forward(self, z):  # (B, Cvae, h, w) -> (B, 3, f*h, f*w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):

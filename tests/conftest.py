@@ -16,6 +16,15 @@ TINY_CLIP_CFG = dict(embed_dim=32,
                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
 
 
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not collapse when other jobs share the CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_vae():
     torch.manual_seed(0)

@@ -68,15 +68,6 @@ def scale_slices(var):  # per scale: its slice of the (B, L, V) logits
     return [slice(b, e) for b, e in var.begin_ends]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not collapse when other jobs share the CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def vae():
     return make_vqvae().eval()

@@ -31,14 +31,6 @@ CAPTION = 'a large green circle in the center on a white background'
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_argv(backbone, out_dir, *extra):
     return ['--backbone', backbone, '--out_dir', str(out_dir), *DATA, *map(str, extra)]
 
