@@ -1,7 +1,8 @@
 """
 Sample from a VAR tuned with MVP, or from the plain VAR.
 
-    python sample.py --ckpt runs/t2i/ckpt.pt --text "a large green circle in the center on a white background"
+    python sample.py --text "a large green circle in the center on a white background"   # the shipped shapes run
+    python sample.py --ckpt runs/t2i/ckpt.pt --text "a red fox sitting in fresh snow"
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207,360,387      # class-to-image with the MVP prompts
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207 --no_prompt  # the same backbone without them
     python sample.py --depth 16 --class_id 207,360                       # the released VAR, no checkpoint at all
@@ -22,11 +23,14 @@ from tqdm import tqdm
 from pretrained import load_backbone
 from train import generate_images, load_run, save_grid
 
+SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i.pt'  # what --text uses without --ckpt
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='Sample images from VAR with MVP prompts.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt', default=None, help='an MVP training checkpoint; without one, the plain backbone')
+    p.add_argument('--ckpt', default=None, help=f'an MVP training checkpoint; without one, the plain backbone '
+                   f'(or, for --text, {SHIPPED_T2I})')
     p.add_argument('--backbone', default='released', help='without --ckpt: "released" or a backbone folder')
     p.add_argument('--depth', type=int, default=16, help='without --ckpt: the released VAR depth')
     p.add_argument('--cache_dir', default=None, help='where released weights are cached')
@@ -49,11 +53,13 @@ def get_args(argv=None):
 
 
 def load_models(args, device):
+    if args.text and not args.ckpt:  # the shipped text-to-image run of the shapes world
+        if not os.path.isfile(SHIPPED_T2I):
+            raise ValueError('--text needs a text-to-image checkpoint (--ckpt from train.py --t2i)')
+        args.ckpt = SHIPPED_T2I
     if args.ckpt:
         cfg, vae, var, clip, parts = load_run(args.ckpt, device)
         return cfg, vae, var, clip, parts
-    if args.text:
-        raise ValueError('--text needs a text-to-image checkpoint (--ckpt from train.py --t2i)')
     vae, var = load_backbone(args.backbone, args.depth, args.cache_dir, device)
     return {'t2i': False}, vae, var, None, None  # no trained parts: the plain VAR
 

@@ -66,6 +66,8 @@ def write_tiny_backbone(folder: str, num_classes: int = 10) -> str:
     with open(os.path.join(clip_dir, 'open_clip_config.json'), 'w') as f:
         json.dump({'model_cfg': TINY_CLIP_CFG, 'preprocess_cfg': {}}, f)
     save_file(open_clip.model.CLIP(**TINY_CLIP_CFG).state_dict(), os.path.join(clip_dir, 'open_clip_model.safetensors'))
+    from shapes import ShapeClassifier
+    torch.save(ShapeClassifier().state_dict(), os.path.join(folder, 'shape_classifier.pth'))
     return folder
 
 

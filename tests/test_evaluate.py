@@ -1,0 +1,33 @@
+"""evaluate.py on a tiny random backbone: the figures exist, are finite, and 'before' is the untrained model."""
+import math
+
+import torch
+
+import evaluate
+import train
+
+ARGS = ['--data', 'shapes', '--shapes_n', '32', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu',
+        '--lambda_sen', '0', '--lambda_cap', '0', '--log_every', '1', '--sample_every', '0']
+
+
+def test_class_to_image_before_equals_after_for_untrained_prompts(tiny_backbone, tmp_path):
+    out = str(tmp_path / 'c2i')
+    train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '1', '--lr', '0', *ARGS])
+    results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=2, seed=0)
+    assert set(results) == {'before', 'after'}
+    assert set(results['after']) == {'FD_clip', 'class_accuracy'}
+    assert all(math.isfinite(v) for row in results.values() for v in row.values())
+    assert results['before'] == results['after']  # lr 0: the prompts are still zero, so nothing may differ
+
+
+def test_text_to_image_figures(tiny_backbone, tmp_path):
+    out = str(tmp_path / 't2i')
+    train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '2', '--lr', '0.5', '--t2i', *ARGS])
+    results = evaluate.evaluate_run(f'{out}/ckpt.pt', n_texts=12, seed=0)
+    assert set(results['after']) == {'FD_clip', 'attribute_accuracy', 'clip_score'}
+    for row in results.values():
+        assert 0.0 <= row['attribute_accuracy'] <= 1.0 and 0.0 <= row['clip_score'] <= 100.0
+    ckpt = torch.load(f'{out}/ckpt.pt', weights_only=False)
+    assert ckpt['parts']['prompt.tokens'].abs().sum() > 0  # trained: "after" is a different model from "before"
+    table = evaluate.format_results(results)
+    assert table.splitlines()[0] == '| | FD_clip | attribute_accuracy | clip_score |'
