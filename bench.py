@@ -5,20 +5,34 @@ its rows (a list of dicts, one per table row); `--out FILE` appends the table to
     python bench.py sampling                       # VAR next-scale sampling, KV cache on vs off (CPU, 1 thread)
     python bench.py sampling --threads 0           # torch's default thread count
     python bench.py sampling --device cuda --out bench.md
+    python bench.py training                       # one training step's time and peak memory: frozen VAR, MVP,
+                                                   # MVP + semantic loss, prefilled prompt, LoRA, full fine-tuning
+    python bench.py scaling                        # sampling time vs the number of scales / final map side n
 
 Adding a benchmark: write `def name(args) -> List[dict]`, decorate it with @benchmark (its docstring's first line
-is the help text); give it its own command-line options with @benchmark(add_args=fn), fn(parser) adding them.
+is the help text); give it its own command-line options with @benchmark(add_args=fn), fn(parser) adding them
+(parser.set_defaults may change a common option's default for that benchmark only). Notes a benchmark puts in
+args.notes (a list of strings) are appended below its table to --out.
 """
 import argparse
 import datetime
+import json
+import math
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import types
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from var import VAR
-from vqvae import VQVAE
+from vqvae import MultiScaleQuantizer, VQVAE
 
 BENCHMARKS: Dict[str, Callable] = {}
 EXTRA_ARGS: Dict[str, Callable] = {}
@@ -161,21 +175,392 @@ def sampling(args) -> List[dict]:
 
 
 # -----------------------------------------------------------------------------
+# training: the cost of one training step, MVP against other ways of tuning the same frozen VAR
+
+TRAIN_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
+TRAIN_VARIANTS = {  # name (for --variants) -> row label
+    'frozen': 'frozen VAR, no prompt (grad to x_BLCv)',
+    'mvp': 'MVP frame prompt, CE',
+    'mvp_semantic': 'MVP frame prompt, CE + semantic',
+    'prefilled': 'prefilled prompt, CE',
+    'lora': 'LoRA r{rank} on attn qkv + proj, CE',
+    'full': 'full fine-tuning, CE',
+}
+WORKER_TAG = 'BENCH_WORKER_RESULT '  # the line a worker process prints its result on, as JSON
+# a random tiny CLIP for the semantic loss: tests/conftest.py's TINY_CLIP_CFG at the VQVAE's 64px
+TINY_CLIP_64 = dict(embed_dim=32,
+                    vision_cfg=dict(image_size=64, layers=2, width=64, head_width=32, patch_size=8),
+                    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
 
 
-def main():
+def training_args(parser):
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--tau', type=int, default=20, help='MVP frame threshold; the prefilled prompt gets as many tokens')
+    parser.add_argument('--lora_rank', type=int, default=8)
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed steps before the timed ones (the first one creates the optimizer state)')
+    parser.add_argument('--variants', default=','.join(TRAIN_VARIANTS),
+                        help=f'comma-separated subset of: {", ".join(TRAIN_VARIANTS)}')
+    parser.add_argument('--in_process', action='store_true',
+                        help='run every variant in this process instead of one fresh process each: faster (for tests), '
+                             'but on the CPU the peak memory is then n/a')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    parser.set_defaults(repeats=10)
+
+
+class LoRALinear(nn.Module):
+    """LoRA around a frozen nn.Linear: y = base(x) + (alpha / r) * B A x, with A (r, in) and B (out, r) trainable.
+
+    B starts at zero, so the wrapped layer starts out as the base layer. Called as a module it adds the low-rank
+    branch to the base output (two thin matmuls). Code that reads `.weight` itself gets the adapted weight
+    W + (alpha / r) * B A instead: var.py's attention computes its fused qkv as F.linear(x, mat_qkv.weight, bias)
+    and never calls mat_qkv's forward, so for mat_qkv this merged form is the one that takes effect.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: Optional[float] = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = (rank if alpha is None else alpha) / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's weight (and the LoRA paper's A)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+def add_lora(var: VAR, rank: int) -> List[LoRALinear]:
+    """Replace attn.mat_qkv and attn.proj of every block by a LoRALinear around it (in place); returns the wrappers."""
+    wrappers = []
+    for block in var.blocks:
+        for name in ('mat_qkv', 'proj'):
+            wrappers.append(LoRALinear(getattr(block.attn, name), rank))
+            setattr(block.attn, name, wrappers[-1])
+    return wrappers
+
+
+def open_gates(model: nn.Module, std: float = 0.02):
+    """Perturb every parameter: from-scratch init has VAR's residual gates at ~1e-5, a "trained-like" model has them open."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+
+
+def training_backbone(device: torch.device, seed: int = 0):
+    """Random frozen VAR (depth 4, width 128, 4 heads, vocab 256, Cvae 16, scales up to 8x8) + 64px VQVAE
+    (ch 16, ch_mult (1, 2, 2, 4), one res block per level)."""
+    torch.manual_seed(seed)
+    vae = VQVAE(vocab_size=256, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=TRAIN_PATCH_NUMS)
+    var = VAR(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=4, num_classes=10, patch_nums=TRAIN_PATCH_NUMS)
+    open_gates(var)
+    return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
+
+
+def current_rss() -> Optional[int]:
+    """This process's resident set size now, in bytes: /proc/self/statm on Linux, else psutil if installed."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return None
+
+
+def reset_peak_rss() -> bool:
+    """Set the kernel's high-water mark of this process's RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(after_reset: bool) -> Optional[int]:
+    """Peak RSS in bytes: VmHWM since reset_peak_rss() if that worked, else getrusage's ru_maxrss.
+
+    Why not always ru_maxrss: for a process started by exec, Linux's ru_maxrss also holds the peak RSS of the process
+    that exec'd it (here the parent bench.py, or a pytest run that has done far more), and it cannot be reset.
+    """
+    if after_reset:
+        try:
+            with open('/proc/self/status') as f:
+                for line in f:
+                    if line.startswith('VmHWM:'):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == 'darwin' else ru * 1024  # bytes on macOS, kilobytes on Linux
+
+
+def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
+    """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
+    meaningful only in a fresh process that runs nothing else)."""
+    from frame_prompt import FramePrompt, PrefilledPrompt
+    from train import TunedParts, conditions  # train.py's own pieces: the step below is the one train.py runs
+    device = torch.device(args.device)
+    sync = synchronizer(device)
+    vae, var = training_backbone(device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = (torch.rand(args.batch, 3, vae.image_size, vae.image_size, generator=gen) * 2 - 1).to(device)
+    labels = (torch.arange(args.batch) % var.num_classes).to(device)
+    frame = FramePrompt(var.patch_nums, var.width, args.tau)  # MVP's prompt; also the prefilled prompt's token count
+    parts, semantic, trainable = None, None, []
+    if variant in ('mvp', 'mvp_semantic'):
+        parts = TunedParts(frame).to(device)
+    elif variant == 'prefilled':
+        parts = TunedParts(PrefilledPrompt(len(frame.index), var.width)).to(device)
+    elif variant == 'lora':
+        trainable = [p for w in add_lora(var, args.lora_rank) for p in (w.lora_A, w.lora_B)]
+    elif variant == 'full':
+        trainable = list(var.requires_grad_(True).parameters())
+    elif variant != 'frozen':
+        raise ValueError(f'unknown variant {variant!r}')
+    if parts is not None:
+        trainable = list(parts.parameters())
+    if variant == 'mvp_semantic':  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens at T = 1
+        import open_clip
+        from clip_loss import FrozenClip, SemanticLoss
+        clip = FrozenClip(open_clip.model.CLIP(**TINY_CLIP_64), open_clip.get_tokenizer('ViT-B-32'))
+        clip = clip.to(device).eval().requires_grad_(False)
+        semantic = SemanticLoss(clip, vae)
+        sentences = [f'a photo of a class {int(c)}' for c in labels]
+        captions = [f'a photo of a class {int(c)}, picture {i}' for i, c in enumerate(labels)]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if trainable else None
+    seq_lens = []  # the sequence length the attention sees, read off the first block's input
+    hook = var.blocks[0].attn.register_forward_pre_hook(lambda module, inputs: seq_lens.append(inputs[0].shape[1]))
+
+    def step() -> float:
+        """train.py's step without the data loader; returns the time the VQVAE encoding finished."""
+        with torch.no_grad():  # the targets and the teacher-forcing input, from the frozen VQVAE
+            idx = vae.img_to_idx(images)
+            x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
+        sync()
+        t_encoded = time.perf_counter()
+        if variant == 'frozen':  # nothing trains: backpropagate to the input so there is a backward pass to time
+            x_BLCv.requires_grad_(True)
+        prompt_map, prefix, _ = parts() if parts is not None else (None, None, None)
+        cond = conditions(var, None, labels, drop=True, cond_drop=0.1)
+        logits = var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
+        loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+        if semantic is not None:
+            loss = loss + semantic(logits, sentences, captions)['semantic']  # Eq. 9
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if optimizer is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+        return t_encoded
+
+    # memory: the growth over what the process holds once everything is built, from before the first step on
+    sync()
+    rss_before = current_rss() if measure_rss else None
+    reset = measure_rss and reset_peak_rss()
+    if device.type == 'cuda':
+        allocated_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    hook.remove()
+    times, encode_times = [], []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        t_encoded = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        encode_times.append(t_encoded - t0)
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(device) - allocated_before
+        memory = 'cuda'
+    elif not measure_rss:
+        peak, memory = None, 'n/a'
+    else:
+        peak_after = peak_rss(reset)
+        peak = None if rss_before is None or peak_after is None else peak_after - rss_before
+        memory = 'VmHWM' if reset else 'ru_maxrss'
+    return dict(variant=variant, trainable=sum(p.numel() for p in trainable), step=median(times),
+                encode=median(encode_times), peak=peak, memory=memory, seq=seq_lens[0] if seq_lens else None,
+                L=var.L, input_grad_values=args.batch * (var.L - var.first_l) * var.Cvae,
+                prompt_tokens=len(frame.index))
+
+
+@benchmark(add_args=training_args)
+def training(args) -> Optional[List[dict]]:
+    """One training step (tiny random VAR, 64px, batch 16): frozen, MVP (+semantic), prefilled, LoRA, full FT."""
+    if args.worker:  # inside a worker process
+        print(WORKER_TAG + json.dumps(training_worker(args, args.worker)), flush=True)
+        return None
+    variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    unknown = [v for v in variants if v not in TRAIN_VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f'error: unknown --variants {unknown}; choose from {", ".join(TRAIN_VARIANTS)}')
+    print(f'training: batch {args.batch}, tau {args.tau}, fp32; VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
+          f'patch_nums {TRAIN_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '
+          f'{"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
+          f'{args.warmup} warm-up steps + median of {args.repeats}')
+    results = {}
+    for v in variants:  # one after the other: never two workers competing for the cores
+        if args.in_process:
+            results[v] = training_worker(args, v, measure_rss=False)
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), 'training', '--worker', v, '--device', args.device,
+               '--threads', str(args.threads), '--repeats', str(args.repeats), '--seed', str(args.seed),
+               '--batch', str(args.batch), '--tau', str(args.tau), '--lora_rank', str(args.lora_rank),
+               '--warmup', str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
+        if proc.returncode != 0 or not found:
+            raise RuntimeError(f'training worker {v!r} failed (exit code {proc.returncode}):\n{proc.stdout}{proc.stderr}')
+        results[v] = json.loads(found[-1][len(WORKER_TAG):])
+
+    rows = []
+    for v in variants:
+        r = results[v]
+        rows.append({'variant': TRAIN_VARIANTS[v].format(rank=args.lora_rank), 'trainable params': f'{r["trainable"]:,}',
+                     'step time ms': f'{1e3 * r["step"]:.1f}',
+                     'peak memory MB': 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20:.1f}',
+                     'seq len in attention': r['seq']})
+    print(format_table(rows))
+    first = next(iter(results.values()))
+    notes = [f'Step: what train.py does per batch minus data loading: VQVAE encoding without grad (median '
+             f'{1e3 * median(r["encode"] for r in results.values()):.1f} ms of every row), forward, loss, backward, '
+             f'gradient clipping and an AdamW step over the trainable parameters; fp32.']
+    if 'frozen' in results:
+        notes.append(f'Frozen row: nothing trains and there is no optimizer step; the backward pass runs to the input '
+                     f'x_BLCv (the VQVAE teacher-forcing input, made to require grad: {first["input_grad_values"]:,} '
+                     f'values) through every block, as a prompt at the input needs too.')
+    notes.append(f'MVP: {first["prompt_tokens"]} prompt tokens added onto the L = {first["L"]} input tokens (tau '
+                 f'{args.tau}); prefilled: as many tokens prepended to the sequence. Semantic: tiny random CLIP at 64px, '
+                 f'both images of Eq. 7 decoded by the VQVAE and encoded by CLIP.')
+    if 'lora' in results:
+        notes.append('LoRA: attn.proj runs as base(x) + B(A(x)); attn.mat_qkv as the merged weight W + BA, because '
+                     'var.py calls F.linear(x, mat_qkv.weight) itself, so its backward computes a full 3C x C weight '
+                     'gradient per block.')
+    if first['memory'] == 'n/a':
+        notes.append('Peak memory: n/a on the CPU with --in_process (all variants share one process and its allocator, '
+                     'so resident memory cannot be told apart by variant); run without it.')
+    elif first['memory'] == 'cuda':
+        notes.append('Peak memory: torch.cuda.max_memory_allocated over the warm-up and timed steps minus '
+                     'torch.cuda.memory_allocated just before the first step (models, batch and optimizer built): '
+                     'activations, gradients, optimizer state and temporaries of training, not the weights.')
+    else:
+        peak = ('VmHWM in /proc/self/status, the kernel\'s peak-RSS mark, reset to the current RSS just before the first '
+                'step by writing 5 to /proc/self/clear_refs; not ru_maxrss, which in an exec\'d process also holds '
+                'the peak RSS of its parent') if first['memory'] == 'VmHWM' else \
+            'getrusage(RUSAGE_SELF).ru_maxrss, the lifetime peak, which may include the parent\'s peak'
+        notes.append(f'Peak memory: peak RSS growth in the variant\'s own fresh process = peak RSS over the warm-up and '
+                     f'timed steps ({peak}) minus the RSS just before the first step (/proc/self/statm; models, batch '
+                     f'and optimizer built). It counts activations, gradients, optimizer state, temporaries and '
+                     f'whatever the allocators keep, not the weights: resident memory, not bytes allocated by torch.')
+    print('\n'.join(notes))
+    args.notes = notes  # main() appends them below the table to --out
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# scaling: sampling time vs the number of scales and the final map size
+
+
+SCALING_PREFIXES = ((1, 2), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 6, 8), (1, 2, 3, 4, 5, 6, 8, 10),
+                    (1, 2, 3, 4, 5, 6, 8, 10, 13))
+
+
+def scaling_args(parser):
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--cfg', type=float, default=1.5)
+    parser.set_defaults(repeats=5)
+
+
+@benchmark(add_args=scaling_args)
+def scaling(args) -> List[dict]:
+    """VAR sampling time (KV cache on) vs the number of scales / final map side n, beside the O(n^4) bound."""
+    device = torch.device(args.device)
+    sync = synchronizer(device)
+    print(f'scaling: token generation only (no VQVAE decoder; a quantizer stands in for the VQVAE), KV cache on, '
+          f'batch {args.batch}, cfg {args.cfg}; VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, random weights, '
+          f'one model per patch_nums; warm-up + median of {args.repeats}')
+    label = torch.arange(args.batch, device=device) % 10
+    setups = []
+    for patch_nums in SCALING_PREFIXES:
+        torch.manual_seed(args.seed)
+        var = VAR(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=4, num_classes=10, patch_nums=patch_nums)
+        open_gates(var)
+        var = var.to(device).eval()
+        # var.generate only uses vqvae.quantize (codebook lookup, upsample + phi, next scale's input)
+        stub = types.SimpleNamespace(quantize=MultiScaleQuantizer(256, 16, patch_nums).to(device).eval())
+        setups.append((var, stub, var.class_condition(label).detach()))
+
+    def run(var, stub, cond) -> float:
+        sync()
+        t0 = time.perf_counter()
+        var.generate(stub, cond, cfg=args.cfg, seed=args.seed, use_kv_cache=True)
+        sync()
+        return time.perf_counter() - t0
+
+    for s in setups:  # warm-up
+        run(*s)
+    runs = [[] for _ in setups]
+    for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hurts every size alike
+        for i, s in enumerate(setups):
+            runs[i].append(run(*s))
+    times = [median(r) for r in runs]
+
+    rows = []
+    for i, patch_nums in enumerate(SCALING_PREFIXES):
+        n, L = patch_nums[-1], sum(pn * pn for pn in patch_nums)
+        n0, L0 = SCALING_PREFIXES[0][-1], sum(pn * pn for pn in SCALING_PREFIXES[0])
+        exponent = '' if i == 0 else f'{math.log(times[i] / times[i - 1]) / math.log(n / SCALING_PREFIXES[i - 1][-1]):.2f}'
+        rows.append({'patch_nums': ','.join(map(str, patch_nums)), 'scales K': len(patch_nums), 'n': n, 'tokens L': L,
+                     'time ms': f'{1e3 * times[i]:.2f}', 'time (x row 1)': f'{times[i] / times[0]:.2f}',
+                     'n^4 (x row 1)': f'{(n / n0) ** 4:.1f}', 'L (x row 1)': f'{L / L0:.1f}',
+                     'local exponent': exponent})
+    print(format_table(rows))
+    notes = ['n^4: the VAR paper\'s bound on the work of generating an n x n token map (Appendix B, Lemma B.2: the sum '
+             'over the scales of the squared token count so far), normalised to row 1. L: the number of tokens, what '
+             'the per-token work (the linear layers) grows with, ~n^2 for a fixed scale schedule. Local exponent: '
+             'log(t_i / t_(i-1)) / log(n_i / n_(i-1)), the measured growth as a power of n between rows (the bound: 4).']
+    print('\n'.join(notes))
+    args.notes = notes
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The options every benchmark has. A new parser for every benchmark: argparse shares a parent's option objects
+    among its children, so one benchmark's set_defaults (e.g. of --repeats) would change them all."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--device', default='cpu', help='cpu (default) or cuda')
     common.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads (default 1: the models are tiny, and one thread gives stable numbers '
                              'on a shared machine, where more threads than free cores collapse); 0: torch\'s default')
-    common.add_argument('--repeats', type=int, default=3, help='timed runs after one warm-up; the median is reported')
+    common.add_argument('--repeats', type=int, default=3, help='timed runs after the warm-up; the median is reported')
     common.add_argument('--seed', type=int, default=0)
     common.add_argument('--out', default=None, help='append the table as markdown to this file')
+    return common
+
+
+def main():
     parser = argparse.ArgumentParser(description='Benchmarks: bench.py <benchmark> [options]; bench.py <benchmark> -h')
     sub = parser.add_subparsers(dest='name', required=True, metavar='benchmark')
     for name, fn in BENCHMARKS.items():
-        p = sub.add_parser(name, parents=[common], help=(fn.__doc__ or '').strip().splitlines()[0])
+        p = sub.add_parser(name, parents=[common_options()], help=(fn.__doc__ or '').strip().splitlines()[0])
         if name in EXTRA_ARGS:
             EXTRA_ARGS[name](p)
     args = parser.parse_args()
@@ -187,10 +572,12 @@ def main():
     env = environment(device)
     print(env)
     rows = BENCHMARKS[args.name](args)
-    if args.out:
+    if args.out and rows:
         stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
         with open(args.out, 'a') as f:
             f.write(f'\n### {args.name} ({stamp})\n\n{env}\n\n{format_table(rows, markdown=True)}\n')
+            for note in getattr(args, 'notes', []):  # what a benchmark prints below its table, if it says
+                f.write(f'\n{note}\n')
         print(f'appended to {args.out}')
 
 

@@ -252,7 +252,7 @@ def main(argv=None):
     p.add_argument('--stage', default='all', choices=('all', 'vqvae', 'var', 'clip', 'classifier'))
     p.add_argument('--out', default='checkpoints/shapes')
     p.add_argument('--n_train', type=int, default=20000, help='training images rendered')
-    p.add_argument('--vae_steps', type=int, default=800)
+    p.add_argument('--vae_steps', type=int, default=2000)
     p.add_argument('--vae_lr', type=float, default=3e-3)
     p.add_argument('--var_steps', type=int, default=1500)
     p.add_argument('--var_lr', type=float, default=2e-3)
