@@ -30,8 +30,9 @@ from vqvae import VQVAE
 
 IMAGE_SIZE = 64
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
-VAE_KWARGS = dict(vocab_size=256, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS)
-VAR_KWARGS = dict(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
+VAE_KWARGS = dict(vocab_size=1024, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
+                  norm_groups=1)  # one group: per-channel instance norm would wash out the flat colours
+VAR_KWARGS = dict(vocab_size=1024, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
 CLIP_CFG = dict(embed_dim=64,
                 vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=8, width=128, layers=4, head_width=32),

@@ -25,16 +25,17 @@ VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # the released 256px models'
 # CNN encoder / decoder (the VQGAN / latent-diffusion f16 architecture)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32 if channels % 32 == 0 else 1, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """32 groups as released; a tiny model may want fewer (32 groups of 1 channel would be instance norm)."""
+    return nn.GroupNorm(num_groups=groups if channels % groups == 0 else 1, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm_groups: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -48,9 +49,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions of a feature map."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -80,17 +81,18 @@ class Upsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
-def middle(channels: int, dropout: float) -> nn.Module:
+def middle(channels: int, dropout: float, norm_groups: int) -> nn.Module:
     """The lowest-resolution middle of encoder and decoder: resnet block, self-attention, resnet block."""
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+    mid.attn_1 = AttnBlock(channels, norm_groups)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
     return mid
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 norm_groups: int):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
         self.down = nn.ModuleList()
@@ -100,15 +102,15 @@ class Encoder(nn.Module):
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, ch * mult, dropout))
+                stage.block.append(ResnetBlock(block_in, ch * mult, dropout, norm_groups))
                 block_in = ch * mult
                 if last:  # attention only at the lowest resolution
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if not last:
                 stage.downsample = Downsample2x(block_in)
             self.down.append(stage)
-        self.mid = middle(block_in, dropout)
-        self.norm_out = group_norm(block_in)
+        self.mid = middle(block_in, dropout, norm_groups)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, Cvae, H/f, W/f), f = 2^(len(ch_mult) - 1): 16 as released
@@ -125,25 +127,26 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 norm_groups: int):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = middle(block_in, dropout)
+        self.mid = middle(block_in, dropout, norm_groups)
         stages = []
         for level in reversed(range(len(ch_mult))):  # built from the lowest resolution up ...
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, ch * ch_mult[level], dropout))
+                stage.block.append(ResnetBlock(block_in, ch * ch_mult[level], dropout, norm_groups))
                 block_in = ch * ch_mult[level]
                 if level == len(ch_mult) - 1:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if level != 0:
                 stage.upsample = Upsample2x(block_in)
             stages.insert(0, stage)  # ... but stored so that up[level] matches the encoder's down[level]
         self.up = nn.ModuleList(stages)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
     def forward(self, z):  # (B, Cvae, h, w) -> (B, 3, f*h, f*w)
@@ -292,13 +295,13 @@ class VQVAE(nn.Module):
 
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, patch_nums: Sequence[int] = VAR_PATCH_NUMS, beta: float = 0.25,
-                 quant_resi: float = 0.5, share_quant_resi: int = 4, dropout: float = 0.0):
+                 quant_resi: float = 0.5, share_quant_resi: int = 4, dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         self.vocab_size, self.Cvae, self.patch_nums = vocab_size, z_channels, tuple(patch_nums)
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.image_size = self.patch_nums[-1] * self.downsample
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout, norm_groups)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout, norm_groups)
         self.quantize = MultiScaleQuantizer(vocab_size, z_channels, patch_nums, beta, quant_resi, share_quant_resi)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
