@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import add_lora
 from var import VAR
 from vqvae import MultiScaleQuantizer, VQVAE
 
@@ -206,46 +207,6 @@ def training_args(parser):
                              'but on the CPU the peak memory is then n/a')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.set_defaults(repeats=10)
-
-
-class LoRALinear(nn.Module):
-    """LoRA around a frozen nn.Linear: y = base(x) + (alpha / r) * B A x, with A (r, in) and B (out, r) trainable.
-
-    B starts at zero, so the wrapped layer starts out as the base layer. Called as a module it adds the low-rank
-    branch to the base output (two thin matmuls). Code that reads `.weight` itself gets the adapted weight
-    W + (alpha / r) * B A instead: var.py's attention computes its fused qkv as F.linear(x, mat_qkv.weight, bias)
-    and never calls mat_qkv's forward, so for mat_qkv this merged form is the one that takes effect.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: Optional[float] = None):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scaling = (rank if alpha is None else alpha) / rank
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's weight (and the LoRA paper's A)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-
-def add_lora(var: VAR, rank: int) -> List[LoRALinear]:
-    """Replace attn.mat_qkv and attn.proj of every block by a LoRALinear around it (in place); returns the wrappers."""
-    wrappers = []
-    for block in var.blocks:
-        for name in ('mat_qkv', 'proj'):
-            wrappers.append(LoRALinear(getattr(block.attn, name), rank))
-            setattr(block.attn, name, wrappers[-1])
-    return wrappers
 
 
 def open_gates(model: nn.Module, std: float = 0.02):

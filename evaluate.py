@@ -8,7 +8,8 @@ better; never called FID: these are not Inception features) and the fraction of 
 recognises as their class. Text-to-image, for held-out captions: attribute accuracy (the fraction of the caption's
 shape, colour, size, position and background that the image shows, read by shapes.read_attributes and the shape
 classifier), CLIP-score (100 * cosine in the tiny CLIP) and FD_clip. "before" is the same backbone with nothing
-trained: the plain VAR for class-to-image; zero prompts and the least-squares text projection for text-to-image.
+trained: the plain VAR for class-to-image; zero prompts (or a zero LoRA update, or the pretrained VAR for full
+fine-tuning) and the least-squares text projection for text-to-image.
 """
 import argparse
 import json
@@ -20,7 +21,8 @@ import torch
 
 import shapes
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
-from train import generate_images, init_text_projection, load_run
+from pretrained import load_backbone
+from train import build_run, generate_images, init_text_projection, load_run
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
@@ -50,19 +52,23 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
     results = {}
     if not cfg['t2i']:
         labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
-        for name, use_prompt in (('before', False), ('after', True)):
-            images = torch.cat([generate_images(vae, var, parts, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
-                                                seed=seed + i, use_prompt=use_prompt) for i in range(0, len(labels), 100)])
+        # LoRA and full fine-tuning change the VAR itself: their "before" is a fresh copy of the backbone
+        plain = var if cfg['prompt'] in ('mvp', 'prefilled') else load_backbone(cfg['backbone'], cfg['depth'],
+                                                                                 cfg.get('cache_dir'), device)[1]
+        for name, model, tuned in (('before', plain, None), ('after', var, parts)):
+            images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
+                                                seed=seed + i) for i in range(0, len(labels), 100)])
             recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().mean().item()
             results[name] = {'FD_clip': fd_clip(features, to_uint8(images), reference_stats), 'class_accuracy': recognised}
         return results
     items = reference_items[:n_texts]
     captions = [shapes.caption(a) for a in items]
-    untrained = load_run(ckpt, device, need_clip=True)[4]  # the same run's modules, before any step:
-    untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init) ...
-    init_text_projection(untrained, clip, var, shapes.CLASS_NAMES)  # ... and the least-squares projection
-    for name, tuned in (('before', untrained), ('after', parts)):
-        images = torch.cat([generate_images(vae, var, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
+    _, plain, _, untrained = build_run(cfg, device, need_clip=False)  # the same run's modules, before any step:
+    if untrained.prompt is not None:
+        untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
+    init_text_projection(untrained, clip, plain, shapes.CLASS_NAMES)  # ... and the least-squares projection
+    for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
+        images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i) for i in range(0, len(captions), 50)])
         arrays = to_uint8(images)
         accuracy = np.mean([shapes.attribute_accuracy(im, a, shape_classifier=classifier.predict) for im, a in zip(arrays, items)])

@@ -8,9 +8,9 @@ Sample from a VAR tuned with MVP, or from the plain VAR.
     python sample.py --depth 16 --class_id 207,360                       # the released VAR, no checkpoint at all
     python sample.py --ckpt runs/mvp/ckpt.pt --eval_npz samples.npz --per_class 50   # ImageNet protocol, 50 per class
 
-A checkpoint holds only the trained prompts (and text projection) and the run's config; the backbone is rebuilt
-from that config. --eval_npz writes uint8 images (N, H, W, 3) under `arr_0`, the format of the OpenAI evaluation
-suite (guided-diffusion's evaluator) and of fid.py.
+A checkpoint holds only what was trained (the prompts, or the LoRA pairs or the VAR of the Table 3 baselines, and
+the text projection) and the run's config; the backbone is rebuilt from that config. --eval_npz writes uint8 images
+(N, H, W, 3) under `arr_0`, the format of the OpenAI evaluation suite (guided-diffusion's evaluator) and of fid.py.
 """
 import argparse
 import os
@@ -72,6 +72,9 @@ def main(argv=None):
     if args.text is None and args.class_id is None and args.eval_npz is None:
         raise ValueError('nothing to sample: pass --text, --class_id or --eval_npz')
     cfg, vae, var, clip, parts = load_models(args, device)
+    if args.no_prompt and cfg.get('prompt') in ('lora', 'full'):
+        raise ValueError(f'--no_prompt: {args.ckpt} was trained with --prompt {cfg["prompt"]}, which changes the VAR '
+                         f'itself; sample the plain backbone with --backbone {cfg["backbone"]} instead')
     if args.text is not None and not cfg['t2i']:
         raise ValueError(f'{args.ckpt} is a class-to-image checkpoint: use --class_id, or a checkpoint from train.py --t2i')
     if (args.class_id is not None or args.eval_npz) and cfg['t2i']:

@@ -2,7 +2,8 @@
 MVP fine-tuning of a frozen, pretrained VAR, end to end (MVP paper, Sec. 3 and 4.1).
 
 Only the prompt tokens train (plus, for text-to-image, a projection of CLIP's text features onto VAR's
-condition); the VQVAE, the VAR transformer and CLIP stay frozen. One step:
+condition); the VQVAE, the VAR transformer and CLIP stay frozen. (The baselines of MVP's Tables 3-4 train other
+things in the same loop, --prompt: a prefilled prompt, LoRA on the attention, or the whole VAR.) One step:
   1. image -> VQVAE token maps R_1..R_K (frozen) -> the teacher-forcing input
   2. VAR forward with the frame prompts added to every scale's input tokens (Eq. 6) -> logits
   3. L = CE(logits, R) + lambda_sen * L_CLIP(I_sen, sentence) + lambda_cap * L_CLIP(I_cap, caption)  (Eq. 7-9)
@@ -10,6 +11,8 @@ condition); the VQVAE, the VAR transformer and CLIP stay frozen. One step:
     python train.py --depth 16 --tau 20 --data /path/to/imagenet --captions captions.jsonl
     python train.py --backbone checkpoints/shapes --data shapes --max_steps 300     # the offline world
     python train.py --backbone checkpoints/shapes --data shapes --t2i               # text-to-image
+    python train.py --backbone checkpoints/shapes --data shapes --t2i --prompt lora # Table 3's baselines: LoRA,
+    python train.py --backbone checkpoints/shapes --data shapes --t2i --prompt full #   full fine-tuning of the VAR
     torchrun --nproc_per_node 8 train.py --depth 16 --tau 20 --data ...             # several GPUs (DDP)
 """
 import argparse
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
+from lora import attach_lora, make_lora
 from pretrained import default_cache_dir, load_backbone
 from text_condition import TextCondition
 
@@ -46,7 +50,10 @@ def get_args(argv=None):
     g.add_argument('--depth', type=int, default=16, help='released VAR depth: 16, 20, 24, 30 or 36')
     g.add_argument('--cache_dir', default=None, help=f'where released weights are cached (default {default_cache_dir()})')
     g = p.add_argument_group('prompts')
-    g.add_argument('--prompt', default='mvp', choices=('mvp', 'prefilled'), help='frame prompts, or the prefilled baseline (Table 4)')
+    g.add_argument('--prompt', default='mvp', choices=('mvp', 'prefilled', 'lora', 'full'),
+                   help='what trains: MVP\'s frame prompts; the baselines: the prefilled prompt (Table 4), LoRA on the '
+                   'attention (Table 3) or the whole VAR transformer (full fine-tuning, Table 3)')
+    g.add_argument('--lora_rank', type=int, default=8, help='--prompt lora: rank of every attn.mat_qkv and attn.proj update')
     g.add_argument('--tau', type=int, default=20, help='a scale whose frame exceeds tau tokens gets four L-shapes')
     g.add_argument('--placement', default='frame', choices=PLACEMENTS, help='prompt positions (Table 5 ablation)')
     g.add_argument('--placement_seed', type=int, default=0, help='seed of the random placement')
@@ -100,15 +107,19 @@ def get_args(argv=None):
 
 
 class TunedParts(nn.Module):
-    """Everything MVP trains: the prompt, and in text-to-image mode the text projection. DDP wraps this module."""
+    """Everything that trains: the prompt (MVP or prefilled), or for the baselines of Table 3 the LoRA pairs
+    (attached to the VAR's attention by build_run) or the whole VAR transformer; in text-to-image mode also the
+    text projection. DDP wraps this module, and a checkpoint holds its state dict: only what was trained."""
 
-    def __init__(self, prompt: nn.Module, text_cond: nn.Module = None):
+    def __init__(self, prompt: nn.Module = None, text_cond: nn.Module = None, lora: nn.ModuleList = None,
+                 var: nn.Module = None):
         super().__init__()
-        self.prompt, self.text_cond = prompt, text_cond
+        self.prompt, self.text_cond, self.lora, self.var = prompt, text_cond, lora, var
 
     def forward(self, text_feats_BD=None):
-        """-> (prompt map F (1, L, C) or None, prefix (1, P, C) or None, text condition (B, C) or None)."""
-        prompt_out = self.prompt()
+        """-> (prompt map F (1, L, C) or None, prefix (1, P, C) or None, text condition (B, C) or None).
+        LoRA and the fully tuned VAR act inside the VAR itself: no prompt."""
+        prompt_out = self.prompt() if self.prompt is not None else None
         is_prefix = isinstance(self.prompt, PrefilledPrompt)
         cond = self.text_cond(text_feats_BD) if self.text_cond is not None else None
         return (None if is_prefix else prompt_out), (prompt_out if is_prefix else None), cond
@@ -117,9 +128,11 @@ class TunedParts(nn.Module):
 def build_run(cfg: dict, device, need_clip: bool):
     """Backbone (frozen), trainable parts and, when needed, CLIP, all from a run config (a dict of train.py's flags)."""
     vae, var = load_backbone(cfg['backbone'], cfg['depth'], cfg.get('cache_dir'), device)
-    frame = FramePrompt(var.patch_nums, var.width, cfg['tau'], cfg['placement'], cfg['first_scale'] == 'on',
-                        cfg['placement_seed'])
-    prompt = frame if cfg['prompt'] == 'mvp' else PrefilledPrompt(len(frame.index), var.width)  # same token budget
+    prompt = lora = tuned_var = None
+    if cfg['prompt'] in ('mvp', 'prefilled'):
+        frame = FramePrompt(var.patch_nums, var.width, cfg['tau'], cfg['placement'], cfg['first_scale'] == 'on',
+                            cfg['placement_seed'])
+        prompt = frame if cfg['prompt'] == 'mvp' else PrefilledPrompt(len(frame.index), var.width)  # same token budget
     clip = None
     if need_clip or cfg['t2i']:
         clip_model = cfg['clip_model']
@@ -131,7 +144,12 @@ def build_run(cfg: dict, device, need_clip: bool):
     for frozen in (vae, var, clip):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
-    return vae, var, clip, TunedParts(prompt, text_cond).to(device)
+    if cfg['prompt'] == 'lora':  # after loading the backbone: the wrapped layers' state-dict keys change (lora.py)
+        lora = make_lora(var, cfg.get('lora_rank', 8))
+        attach_lora(var, lora)
+    elif cfg['prompt'] == 'full':  # the VAR transformer trains (kept in eval mode, as in prompt tuning)
+        tuned_var = var.requires_grad_(True)
+    return vae, var, clip, TunedParts(prompt, text_cond, lora, tuned_var).to(device)
 
 
 def init_text_projection(parts: TunedParts, clip: FrozenClip, var, class_names):
@@ -153,7 +171,8 @@ def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
 @torch.no_grad()
 def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
                     use_prompt=True):
-    """Images in [0, 1] (B, 3, H, W) for class labels or (text-to-image) texts; use_prompt=False: the plain VAR."""
+    """Images in [0, 1] (B, 3, H, W) for class labels or (text-to-image) texts; use_prompt=False: without the prompt
+    (the plain VAR for MVP and prefilled runs; LoRA and full fine-tuning change the VAR itself, so not for those)."""
     prompt_map = prefix = text_cond = None
     if parts is not None:  # None: the plain VAR, nothing trained
         prompt_map, prefix, text_cond = parts(clip.encode_text(texts) if texts is not None else None)
@@ -227,7 +246,8 @@ def load_checkpoint(path: str) -> dict:
 
 def check_same_architecture(saved: dict, wanted: dict, path: str):
     text_keys = ('clip_model', 'clip_pretrained') if wanted.get('t2i') else ()  # the text projection reads this CLIP
-    for key in ARCHITECTURE_KEYS + text_keys:
+    lora_keys = ('lora_rank',) if wanted.get('prompt') == 'lora' else ()
+    for key in ARCHITECTURE_KEYS + text_keys + lora_keys:
         if saved.get(key) != wanted.get(key):
             raise ValueError(f'{path} was trained with --{key} {saved.get(key)}, not {wanted.get(key)}: '
                              f'start a new --out_dir or use the same settings')
@@ -332,14 +352,16 @@ def main(argv=None):
     model = torch.nn.parallel.DistributedDataParallel(parts, device_ids=[device.index] if device.type == 'cuda' else None) \
         if ddp else parts
     n_trainable = sum(p.numel() for p in trainable)
-    n_frozen = sum(p.numel() for p in var.parameters())
+    n_var = sum(p.numel() for p in var.parameters())  # the backbone's own (LoRA pairs are not the VAR's parameters)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
             json.dump(vars(args), f, indent=1)
         print(json.dumps(vars(args), indent=1))
-        print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_frozen:.3f}% of the frozen VAR\'s {n_frozen:,}); '
-              f'prompt tokens per scale: {parts.prompt.counts() if hasattr(parts.prompt, "counts") else parts.prompt.tokens.shape[1]}')
+        tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
+            parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
+        print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_var:.3f}% of the VAR\'s {n_var:,}); '
+              f'prompt tokens per scale: {tokens}')
         print(f'data: {len(dataset):,} images; device {device}, autocast {dtype}, world size {world}'
               + (f'; resuming at step {step}' if step else ''))
 

@@ -1,0 +1,523 @@
+"""
+The paper's tables in miniature, on the shapes world: one command runs a grid of train.py + evaluate.py runs over
+several seeds and writes a markdown report (mean +- std over seeds, the paper's finding beside each table, and
+whether the miniature agrees).
+
+    python experiments.py                                   # every table, seeds 0,1,2 -> docs/experiments.md
+    python experiments.py --tables 1,4 --seeds 0 --steps 50 # a part of it
+    python experiments.py --dry_run                         # print the commands and the time estimate only
+
+Tables: 1 (plain VAR vs MVP, class-to-image), 3 (text-to-image: MVP vs LoRA vs full fine-tuning), 4 (MVP vs the
+prefilled prompt: quality and peak memory), 5 (the five prompt placements), 6 (the first-scale prompt on/off, both
+tasks), 7 (tau in 4, 12, 20, 28), sem (the semantic loss: none, sentence only, caption only, both; both tasks).
+Runs that several tables share (MVP's default run is in 1, 4, 5, 6, 7 and sem) train once.
+
+Every run is its own processes (`python train.py ...`, then `python evaluate.py --json ...`), so its time and
+memory are its own; each writes OUT/<run>/seed<s>/. The grid resumes: a run whose evaluation exists, made by the
+same commands, is not run again, and the report is rewritten after every finished run.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# the grid: every run is MVP's default (frame prompts, tau 20, first scale off for class-to-image / on for
+# text-to-image, CE + both semantic losses) with these train.py flags changed; {seed} is the run's seed
+
+RUNS = {
+    'mvp': [],
+    'prefilled': ['--prompt', 'prefilled'],
+    'place_random': ['--placement', 'random', '--placement_seed', '{seed}'],
+    'place_innermost': ['--placement', 'innermost'],
+    'place_center_to_outer': ['--placement', 'center_to_outer'],
+    'place_sub_outermost': ['--placement', 'sub_outermost'],
+    'first_on': ['--first_scale', 'on'],
+    'tau4': ['--tau', '4'],
+    'tau12': ['--tau', '12'],
+    'tau28': ['--tau', '28'],
+    'sem_none': ['--lambda_sen', '0', '--lambda_cap', '0'],
+    'sem_sentence': ['--lambda_cap', '0'],
+    'sem_caption': ['--lambda_sen', '0'],
+    't2i_mvp': ['--t2i'],
+    't2i_lora': ['--t2i', '--prompt', 'lora'],
+    't2i_full': ['--t2i', '--prompt', 'full'],
+    't2i_first_off': ['--t2i', '--first_scale', 'off'],
+    't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
+    't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
+    't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
+}
+
+# metric -> (column header, better: 'lower' or 'higher', format)
+METRICS = {
+    'FD_clip': ('FD_clip ↓', 'lower', '{:.2f}'),
+    'class_accuracy': ('class acc ↑', 'higher', '{:.3f}'),
+    'clip_score': ('CLIP-score ↑', 'higher', '{:.2f}'),
+    'attribute_accuracy': ('attribute acc ↑', 'higher', '{:.3f}'),
+    'trainable': ('trainable params', 'lower', '{:,.0f}'),
+    'train_s': ('train s', 'lower', '{:.1f}'),
+    'peak_mb': ('peak RSS MB', 'lower', '{:.0f}'),
+}
+C2I = ('FD_clip', 'class_accuracy', 'trainable', 'train_s')
+T2I = ('FD_clip', 'clip_score', 'attribute_accuracy', 'trainable', 'train_s')
+
+# One section per table (Table 6 and sem have one per task). A row: (label, run, 'before' or 'after'): 'before' is
+# evaluate.py's untrained model of that run. A claim, the paper's finding: (row a, row b, metric): a beats b on it.
+SECTIONS = [
+    dict(table='1', title='Table 1: class-to-image, plain VAR vs VAR + MVP', metrics=C2I,
+         rows=[('VAR (no tuning)', 'mvp', 'before'), ('VAR + MVP', 'mvp', 'after')],
+         paper='VAR-d16 FID 3.61, IS 225.6 -> MVP-d16 3.46, 247.4; MVP lowers FID and raises IS at every depth '
+               '(d16, d20, d24, d30).',
+         claims=[('VAR + MVP', 'VAR (no tuning)', 'FD_clip'), ('VAR + MVP', 'VAR (no tuning)', 'class_accuracy')]),
+    dict(table='3', title='Table 3: text-to-image, MVP vs LoRA vs full fine-tuning (same steps)', metrics=T2I,
+         rows=[('untuned (least-squares text projection, no step)', 't2i_mvp', 'before'),
+               ('VAR + MVP', 't2i_mvp', 'after'), ('VAR + LoRA', 't2i_lora', 'after'),
+               ('full fine-tuning (VAR-CLIP analogue)', 't2i_full', 'after')],
+         paper='VAR-CLIP (full, 310M params): FID 11.26, CLIP-score 28.55, 4782 GPU-hours; VAR + LoRA (4.6M): 14.8, '
+               '29.23, 58; VAR + MVP (1.45M): 13.50, 30.48, 26. VAR-CLIP is fully pretrained, not fine-tuned from '
+               'the class-conditional VAR as here, and trains far longer than the others.',
+         claims=[('VAR + MVP', 'VAR + LoRA', 'FD_clip'), ('VAR + MVP', 'VAR + LoRA', 'clip_score'),
+                 ('VAR + MVP', 'full fine-tuning (VAR-CLIP analogue)', 'clip_score'),
+                 ('full fine-tuning (VAR-CLIP analogue)', 'VAR + MVP', 'FD_clip'),
+                 ('VAR + MVP', 'VAR + LoRA', 'trainable'), ('VAR + MVP', 'VAR + LoRA', 'train_s'),
+                 ('VAR + MVP', 'full fine-tuning (VAR-CLIP analogue)', 'train_s')]),
+    dict(table='4', title='Table 4: MVP vs the prefilled prompt (same token budget)', metrics=C2I + ('peak_mb',),
+         rows=[('VAR (no tuning)', 'mvp', 'before'), ('+ prefilled prompt', 'prefilled', 'after'),
+               ('+ MVP', 'mvp', 'after')],
+         paper='VAR-d16 FID 3.61, IS 225.6; + prefilled 3.51, 238.4, 23.2 GB peak GPU memory; + MVP 3.46, 247.4, '
+               '14.5 GB. Both improve on VAR, MVP more, with less memory (the sequence does not grow).',
+         claims=[('+ MVP', '+ prefilled prompt', 'FD_clip'), ('+ MVP', '+ prefilled prompt', 'class_accuracy'),
+                 ('+ prefilled prompt', 'VAR (no tuning)', 'FD_clip'), ('+ MVP', '+ prefilled prompt', 'peak_mb')]),
+    dict(table='5', title='Table 5: prompt placements at equal budget (class-to-image)', metrics=C2I,
+         rows=[('frame (MVP)', 'mvp', 'after'), ('random (placement seed = run seed)', 'place_random', 'after'),
+               ('innermost', 'place_innermost', 'after'), ('center-to-outer', 'place_center_to_outer', 'after'),
+               ('sub-outermost', 'place_sub_outermost', 'after')],
+         paper='d16 FID: frame 3.46, random 3.69 (3 seeds), innermost 3.68, center-to-outer 3.64, sub-outermost '
+               '3.51; the frame is best at d16 and d30 on FID and IS.',
+         claims=[('frame (MVP)', other, 'FD_clip') for other in ('random (placement seed = run seed)', 'innermost',
+                                                                'center-to-outer', 'sub-outermost')]),
+    dict(table='6', title='Table 6a: the first-scale prompt, class-to-image', metrics=C2I,
+         rows=[('first-scale prompt on', 'first_on', 'after'), ('off (MVP for class-to-image)', 'mvp', 'after')],
+         paper='d16: on FID 3.57, IS 221.3; off 3.46, 247.4 (d20, d24 alike): the first-scale prompt hurts '
+               'class-to-image, IS most.',
+         claims=[('off (MVP for class-to-image)', 'first-scale prompt on', 'FD_clip'),
+                 ('off (MVP for class-to-image)', 'first-scale prompt on', 'class_accuracy')]),
+    dict(table='6', title='Table 6b: the first-scale prompt, text-to-image', metrics=T2I,
+         rows=[('on (MVP for text-to-image)', 't2i_mvp', 'after'), ('first-scale prompt off', 't2i_first_off', 'after')],
+         paper='No numbers; the text says the first-scale prompt improves text-to-image (it aligns the text with '
+               'the class embeddings).',
+         claims=[('on (MVP for text-to-image)', 'first-scale prompt off', m)
+                 for m in ('FD_clip', 'clip_score', 'attribute_accuracy')]),
+    dict(table='7', title='Table 7: the frame threshold tau (class-to-image)', metrics=C2I,
+         rows=[('tau 4', 'tau4', 'after'), ('tau 12', 'tau12', 'after'), ('tau 20 (MVP)', 'mvp', 'after'),
+               ('tau 28', 'tau28', 'after')],
+         paper='d16 FID / IS: tau 4 3.58 / 231.1, 12 3.49 / 238.3, 20 3.46 / 247.4, 28 3.47 / 248.8; more capacity '
+               'helps up to ~20, beyond it little changes.',
+         claims=[('tau 20 (MVP)', 'tau 4', 'FD_clip'), ('tau 12', 'tau 4', 'FD_clip'),
+                 ('tau 20 (MVP)', 'tau 4', 'class_accuracy')]),
+    dict(table='sem', title='The semantic loss, class-to-image: what each level adds', metrics=C2I,
+         rows=[('CE only (lambda_sen = lambda_cap = 0)', 'sem_none', 'after'), ('CE + sentence', 'sem_sentence', 'after'),
+               ('CE + caption', 'sem_caption', 'after'), ('CE + sentence + caption (MVP)', 'mvp', 'after')],
+         paper='No table; Sec. 3.3 says the two levels let the prompt learn richer semantics step by step (the '
+               'sentence-level class semantics at scale kappa, the caption\'s details at the last scale).',
+         claims=[('CE + sentence + caption (MVP)', 'CE only (lambda_sen = lambda_cap = 0)', 'FD_clip'),
+                 ('CE + sentence', 'CE only (lambda_sen = lambda_cap = 0)', 'FD_clip'),
+                 ('CE + sentence + caption (MVP)', 'CE + sentence', 'FD_clip'),
+                 ('CE + sentence + caption (MVP)', 'CE only (lambda_sen = lambda_cap = 0)', 'class_accuracy')]),
+    dict(table='sem', title='The semantic loss, text-to-image: what each level adds', metrics=T2I,
+         rows=[('CE only (lambda_sen = lambda_cap = 0)', 't2i_sem_none', 'after'),
+               ('CE + sentence', 't2i_sem_sentence', 'after'), ('CE + caption', 't2i_sem_caption', 'after'),
+               ('CE + sentence + caption (MVP)', 't2i_mvp', 'after')],
+         paper='As above (no table).',
+         claims=[('CE + sentence + caption (MVP)', 'CE only (lambda_sen = lambda_cap = 0)', m)
+                 for m in ('FD_clip', 'clip_score', 'attribute_accuracy')]
+                + [('CE + sentence + caption (MVP)', 'CE + sentence', 'attribute_accuracy')]),
+]
+TABLE_KEYS = ('1', '3', '4', '5', '6', '7', 'sem')
+
+# for the time estimate: measured on this project's 2-core CPU machine, one torch thread, the shapes backbone's size
+STEP_S = {'semantic': 0.65, 'ce': 0.30}  # seconds per training step at batch 16
+EVAL_S_PER_IMAGE = 0.04  # sampling + CLIP features, per image (evaluate.py draws "before" and "after" sets)
+START_S = 8.0  # two process starts (torch, open_clip, models)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description='MVP\'s tables in miniature on the shapes world: a grid of train.py + '
+                                'evaluate.py runs, and a markdown report.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--backbone', default='checkpoints/shapes', help='a shapes backbone folder (pretrain.py)')
+    p.add_argument('--tables', default=','.join(TABLE_KEYS), help=f'comma-separated, of {", ".join(TABLE_KEYS)}')
+    p.add_argument('--seeds', default='0,1,2', help='comma-separated training (and evaluation) seeds')
+    p.add_argument('--steps', type=int, default=300, help='training steps of every run')
+    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--lr', type=float, default=1e-3, help='learning rate of the prompts (MVP, prefilled)')
+    p.add_argument('--lr_lora', type=float, default=1e-3, help='learning rate of LoRA')
+    p.add_argument('--lr_full', type=float, default=1e-4, help='learning rate of full fine-tuning')
+    p.add_argument('--lora_rank', type=int, default=8)
+    p.add_argument('--warmup_steps', type=int, default=None, help='default: steps // 10')
+    p.add_argument('--shapes_n', type=int, default=5000, help='training images')
+    p.add_argument('--per_class', type=int, default=30, help='evaluation: class-to-image samples per class')
+    p.add_argument('--n_texts', type=int, default=300, help='evaluation: text-to-image held-out captions')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--jobs', type=int, default=2, help='runs at the same time')
+    p.add_argument('--threads', type=int, default=1, help='torch threads per run (OMP_NUM_THREADS)')
+    p.add_argument('--out', default='runs/experiments', help='where the runs go')
+    p.add_argument('--report', default='docs/experiments.md')
+    p.add_argument('--dry_run', action='store_true', help='print the commands and the estimate, run nothing')
+    args = p.parse_args(argv)
+    args.table_list = [t.strip() for t in args.tables.split(',') if t.strip()]
+    unknown = [t for t in args.table_list if t not in TABLE_KEYS]
+    if unknown or not args.table_list:
+        p.error(f'unknown --tables {unknown}; choose from {", ".join(TABLE_KEYS)}')
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(',') if s.strip()]
+    except ValueError:
+        p.error(f'--seeds takes comma-separated integers, got {args.seeds!r}')
+    if not args.seed_list:
+        p.error('--seeds is empty')
+    if args.warmup_steps is None:
+        args.warmup_steps = args.steps // 10
+    return args
+
+
+# -----------------------------------------------------------------------------
+# commands and runs
+
+
+def script(name: str) -> str:
+    """train.py / evaluate.py as the commands name them: relative to the working directory when inside it."""
+    path = os.path.relpath(os.path.join(ROOT, name))
+    return os.path.join(ROOT, name) if path.startswith('..') else path
+
+
+def sections(args):
+    return [s for s in SECTIONS if s['table'] in args.table_list]
+
+
+def needed_runs(args):
+    """The runs the chosen tables need, in grid order, each once."""
+    names = {run for s in sections(args) for _, run, _ in s['rows']}
+    return [name for name in RUNS if name in names]
+
+
+def run_dir(args, name: str, seed: int) -> str:
+    return os.path.join(args.out, name, f'seed{seed}')
+
+
+def commands(args, name: str, seed: int):
+    """(train.py command, evaluate.py command) of one run, as argument lists without the interpreter."""
+    flags = [f.format(seed=seed) for f in RUNS[name]]
+    method = flags[flags.index('--prompt') + 1] if '--prompt' in flags else 'mvp'
+    lr = {'lora': args.lr_lora, 'full': args.lr_full}.get(method, args.lr)
+    extra = ['--lora_rank', str(args.lora_rank)] if method == 'lora' else []
+    out = run_dir(args, name, seed)
+    train = [script('train.py'), '--backbone', args.backbone, '--data', 'shapes', '--shapes_n', str(args.shapes_n),
+             '--batch_size', str(args.batch_size), '--max_steps', str(args.steps), '--lr', str(lr),
+             '--warmup_steps', str(args.warmup_steps), '--seed', str(seed), '--device', args.device, '--num_workers', '0',
+             '--sample_every', '0', '--log_every', '10', *flags, *extra, '--out_dir', out]
+    evaluate = [script('evaluate.py'), '--ckpt', os.path.join(out, 'ckpt.pt'), '--per_class', str(args.per_class),
+                '--n_texts', str(args.n_texts), '--seed', str(seed), '--json', os.path.join(out, 'eval.json')]
+    return train, evaluate
+
+
+def shown(cmd) -> str:
+    return 'python ' + shlex.join(cmd)
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(args, name: str, seed: int, env: dict) -> str:
+    """Train and evaluate one run unless done already by the same commands; returns 'cached', 'done' or 'failed'."""
+    out = run_dir(args, name, seed)
+    train_cmd, eval_cmd = commands(args, name, seed)
+    record_path = os.path.join(out, 'run.json')
+    record = read_json(record_path) or {}
+    same_train = record.get('train_cmd') == train_cmd and record.get('train_rc') == 0
+    if same_train and record.get('eval_cmd') == eval_cmd and record.get('eval_rc') == 0 \
+            and os.path.isfile(os.path.join(out, 'eval.json')):
+        return 'cached'
+    os.makedirs(out, exist_ok=True)
+    if not (same_train and os.path.isfile(os.path.join(out, 'ckpt.pt'))):
+        record = {'run': name, 'seed': seed, 'train_cmd': train_cmd}
+        t0 = time.time()
+        with open(os.path.join(out, 'train.log'), 'w') as log:
+            proc = subprocess.Popen([sys.executable, *train_cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage, peak RSS included
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        record.update(train_rc=proc.returncode, train_wall_s=round(time.time() - t0, 2),
+                      peak_mb=round(usage.ru_maxrss / 1024, 1))  # ru_maxrss is in KB on Linux
+        with open(os.path.join(out, 'train.log')) as f:
+            found = re.search(r'trainable parameters: ([\d,]+)', f.read())
+        record['trainable'] = int(found.group(1).replace(',', '')) if found else None
+        try:
+            with open(os.path.join(out, 'log.jsonl')) as f:
+                record['train_s'] = [json.loads(line) for line in f if line.strip()][-1]['time']  # the training loop
+        except (OSError, ValueError, IndexError, KeyError):
+            record['train_s'] = None
+        write_json(record_path, record)
+        if proc.returncode != 0:
+            return 'failed'
+    if os.path.exists(os.path.join(out, 'eval.json')):
+        os.remove(os.path.join(out, 'eval.json'))
+    t0 = time.time()
+    with open(os.path.join(out, 'eval.log'), 'w') as log:
+        rc = subprocess.run([sys.executable, *eval_cmd], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    record.update(eval_cmd=eval_cmd, eval_rc=rc, eval_wall_s=round(time.time() - t0, 2))
+    write_json(record_path, record)
+    return 'done' if rc == 0 else 'failed'
+
+
+def write_json(path: str, obj):
+    tmp = path + '.part'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def estimate_seconds(args, name: str) -> float:
+    flags = RUNS[name]
+    ce_only = '--lambda_sen' in flags and '--lambda_cap' in flags
+    step = STEP_S['ce' if ce_only else 'semantic'] * args.batch_size / 16
+    images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
+    return START_S + args.steps * step + images * EVAL_S_PER_IMAGE
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def collect(args, name: str, which: str):
+    """{metric: [value per seed that has one]} of one row, and the seeds that have results."""
+    values, seeds = {}, []
+    for seed in args.seed_list:
+        out = run_dir(args, name, seed)
+        results, record = read_json(os.path.join(out, 'eval.json')), read_json(os.path.join(out, 'run.json'))
+        if not results or not record or record.get('eval_rc') != 0:
+            continue
+        seeds.append(seed)
+        row = dict(results[which])
+        if which == 'after':
+            row.update({k: record.get(k) for k in ('trainable', 'train_s', 'peak_mb')})
+        for k, v in row.items():
+            values.setdefault(k, {})[seed] = v
+    return values, seeds
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def cell(values: dict, metric: str) -> str:
+    m, s = mean_std(list(values.get(metric, {}).values()))
+    if m is None:
+        return '–'
+    fmt = METRICS[metric][2]
+    if metric == 'trainable' or s is None:
+        return fmt.format(m)
+    return f'{fmt.format(m)} ± {fmt.format(s)}'
+
+
+def verdict(a: dict, b: dict, metric: str):
+    """Does a beat b on metric? Paired over the seeds both have: (text, agrees or None)."""
+    seeds = sorted(set(a.get(metric, {})) & set(b.get(metric, {})))
+    seeds = [s for s in seeds if a[metric][s] is not None and b[metric][s] is not None]
+    if not seeds:
+        return 'no results yet', None
+    fmt = METRICS[metric][2]
+    diffs = [a[metric][s] - b[metric][s] for s in seeds]
+    d = statistics.fmean(diffs)
+    ma, mb = statistics.fmean(a[metric][s] for s in seeds), statistics.fmean(b[metric][s] for s in seeds)
+    better = d < 0 if METRICS[metric][1] == 'lower' else d > 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    text = f'{fmt.format(ma)} vs {fmt.format(mb)}, difference {d:+.4g}'
+    if d == 0:
+        return text + ': a tie', None
+    if se is None:
+        noise = ' (1 seed: no error bar)'
+    elif abs(d) > 2 * se:
+        noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: clear)'
+    else:
+        noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: within noise)'
+    return text + noise + (': **agrees**' if better else ': **disagrees**'), better
+
+
+def report(args, argv, status: dict, started: float) -> str:
+    now = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
+    records = [read_json(os.path.join(run_dir(args, n, s), 'run.json')) for n in needed_runs(args) for s in args.seed_list]
+    records = [r for r in records if r]
+    run_seconds = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in records)
+    counts = {k: sum(v == k for v in status.values()) for k in ('done', 'cached', 'failed')}
+    resolved = ['--backbone', args.backbone, '--tables', ','.join(args.table_list),
+                '--seeds', ','.join(map(str, args.seed_list)), '--steps', str(args.steps),
+                '--batch_size', str(args.batch_size), '--lr', str(args.lr), '--lr_lora', str(args.lr_lora),
+                '--lr_full', str(args.lr_full), '--lora_rank', str(args.lora_rank), '--warmup_steps', str(args.warmup_steps),
+                '--shapes_n', str(args.shapes_n), '--per_class', str(args.per_class), '--n_texts', str(args.n_texts),
+                '--device', args.device, '--jobs', str(args.jobs), '--threads', str(args.threads), '--out', args.out,
+                '--report', args.report]
+    parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = [
+        '# MVP\'s tables in miniature: the shapes world', '',
+        f'Written by `{shown(["experiments.py", *argv])}` on {now}, which with every setting spelled out is', '',
+        f'    {shown(["experiments.py", *resolved])}', '',
+        f'{len(status)} runs (settings x seeds): {counts["done"]} run now, {counts["cached"]} found done by the same commands, '
+        f'{counts["failed"]} failed. This invocation took {(time.time() - started) / 60:.1f} min; the runs\' own '
+        f'training + evaluation processes took {run_seconds / 60:.1f} min in all ({args.jobs} at a time, '
+        f'{args.threads} torch thread(s) each, {os.cpu_count()} CPU cores; {platform.platform()}, '
+        f'Python {platform.python_version()}).', '',
+        '## How to read this', '',
+        f'- Backbone `{args.backbone}`; every run trains {args.steps} steps at batch {args.batch_size} on '
+        f'{args.shapes_n} shapes images (lr {args.lr} for prompts, {args.lr_lora} for LoRA rank {args.lora_rank}, '
+        f'{args.lr_full} for full fine-tuning; {args.warmup_steps} warm-up steps, then cosine decay), with MVP\'s '
+        f'defaults unless the row says otherwise: frame prompts, tau 20, the first-scale prompt off for '
+        f'class-to-image and on for text-to-image, CE + sentence + caption loss (beta 0.6, both lambdas 1). LoRA and '
+        f'full fine-tuning use the same loss and steps as MVP.',
+        f'- Cells are mean ± sample std over the seeds ({", ".join(map(str, args.seed_list))}); a seed sets the '
+        f'training run and the evaluation (its samples and its held-out reference images).',
+        f'- FD_clip: Fréchet distance between {10 * args.per_class} class-to-image samples ({args.per_class} per class) '
+        f'or {args.n_texts} text-to-image samples and as many held-out renders, in the image-embedding space of the '
+        f'backbone\'s own tiny CLIP (not Inception: not an FID, and not comparable with the paper\'s numbers, only '
+        f'the direction is). class acc: the fraction of class-to-image samples the shape classifier assigns to their '
+        f'class (the stand-in for IS). CLIP-score: 100 x cosine of image and caption in the tiny CLIP. attribute '
+        f'acc: the fraction of the caption\'s shape, colour, size, position and background the image shows.',
+        '- "VAR (no tuning)" / "untuned" rows: evaluate.py\'s "before" model of that run (the plain VAR; for '
+        'text-to-image the least-squares text projection with zero prompts).',
+        '- trainable params: what train.py trains (printed by it). train s: seconds of the training loop (the last '
+        'row of log.jsonl), not process start-up or evaluation; with several runs at a time they share the CPU.',
+        f'- peak RSS MB (Table 4): the peak resident memory of the whole train.py process (ru_maxrss from wait4): '
+        f'Python, torch, the frozen VQVAE, VAR and CLIP, the data and the training itself, the CPU\'s analogue of '
+        f'the paper\'s peak GPU memory. On Linux it can also hold the RSS of the launching experiments.py at the '
+        f'launch (at most {parent_mb:.0f} MB here, the same for every row).',
+        '- Beside each table, the paper\'s finding, and per comparison whether the miniature agrees: the paired '
+        'difference over seeds, "clear" when it exceeds twice its standard error. Nothing here was tuned to agree.', '']
+    all_verdicts = []
+    for sec in sections(args):
+        metrics = sec['metrics']
+        lines += [f'## {sec["title"]}', '', f'Paper: {sec["paper"]}', '',
+                  '| | ' + ' | '.join(METRICS[m][0] for m in metrics) + ' |', '|---' * (len(metrics) + 1) + '|']
+        rows = {}
+        for label, name, which in sec['rows']:
+            values, seeds = collect(args, name, which)
+            rows[label] = values
+            suffix = '' if len(seeds) == len(args.seed_list) else f' ({len(seeds)} of {len(args.seed_list)} seeds)'
+            lines.append(f'| {label}{suffix} | ' + ' | '.join(cell(values, m) for m in metrics) + ' |')
+        lines += ['', 'Paper vs here:', '']
+        for a, b, metric in sec['claims']:
+            text, agrees = verdict(rows[a], rows[b], metric)
+            all_verdicts.append((sec['title'], a, b, metric, text, agrees))
+            lines.append(f'- {a} beats {b} on {METRICS[metric][0]}: {text}')
+        lines += ['', f'Commands (seed {args.seed_list[0]}; the other seeds change `--seed`, the run folder and, for the '
+                  f'random placement, `--placement_seed`):', '']
+        done = set()
+        for _, name, _ in sec['rows']:
+            if name not in done:
+                done.add(name)
+                train_cmd, eval_cmd = commands(args, name, args.seed_list[0])
+                lines += [f'    {shown(train_cmd)}', f'    {shown(eval_cmd)}']
+        lines.append('')
+    agree = sum(v[5] is True for v in all_verdicts)
+    disagree = [v for v in all_verdicts if v[5] is False]
+    summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {agree} agree, {len(disagree)} disagree, '
+               f'{len(all_verdicts) - agree - len(disagree)} are ties or have no results yet', '']
+    if disagree:
+        summary += ['Where the miniature disagrees:', '']
+        summary += [f'- {title}: {a} vs {b} on {METRICS[metric][0]}: {text.split(": **")[0]}'
+                    for title, a, b, metric, text, _ in disagree] + ['']
+    lines[lines.index('## How to read this'):lines.index('## How to read this')] = summary
+
+    lines += ['## All runs', '', '| run | seed | status | FD_clip before / after | class or attribute acc after | '
+              'trainable | train s | peak RSS MB | train + eval wall s |', '|---' * 9 + '|']
+    for name in needed_runs(args):
+        for seed in args.seed_list:
+            out = run_dir(args, name, seed)
+            record, results = read_json(os.path.join(out, 'run.json')) or {}, read_json(os.path.join(out, 'eval.json'))
+            state = status.get((name, seed), 'not run')
+            fd = acc = '–'
+            if results and record.get('eval_rc') == 0:
+                fd = f'{results["before"]["FD_clip"]:.2f} / {results["after"]["FD_clip"]:.2f}'
+                after = results['after']
+                acc = f'{after.get("class_accuracy", after.get("attribute_accuracy")):.3f}'
+            wall = (record.get('train_wall_s') or 0) + (record.get('eval_wall_s') or 0)
+            fmt = lambda v, f: '–' if v is None else f.format(v)
+            lines.append(f'| {name} | {seed} | {state} | {fd} | {acc} | {fmt(record.get("trainable"), "{:,}")} | '
+                         f'{fmt(record.get("train_s"), "{:.1f}")} | {fmt(record.get("peak_mb"), "{:.0f}")} | '
+                         f'{wall:.0f} |')
+    lines += ['', f'Each run\'s folder `{args.out}/<run>/seed<s>/` holds its checkpoint, train.log, log.jsonl, '
+              f'eval.log, eval.json and run.json (the commands, exit codes, times, peak memory).', '']
+    return '\n'.join(lines)
+
+
+def write_report(args, argv, status, started):
+    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+    tmp = args.report + '.part'
+    with open(tmp, 'w') as f:
+        f.write(report(args, argv, status, started))
+    os.replace(tmp, args.report)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(argv)
+    started = time.time()
+    # seed-major order: a third of the way through, every table has one seed
+    grid = [(name, seed) for seed in args.seed_list for name in needed_runs(args)]
+    seconds = sum(estimate_seconds(args, name) for name, _ in grid)
+    print(f'{len(grid)} runs ({len(needed_runs(args))} settings x {len(args.seed_list)} seeds) for tables '
+          f'{", ".join(args.table_list)}: {2 * len(grid)} commands; estimated {seconds / 3600:.1f} h of run time, '
+          f'~{seconds / 3600 / max(1, min(args.jobs, os.cpu_count() or 1)):.1f} h with {args.jobs} at a time '
+          f'(at {STEP_S["semantic"]} s per step at batch 16, {EVAL_S_PER_IMAGE} s per evaluated image, measured on a '
+          f'2-core CPU at one thread per run; runs already done are skipped)')
+    if args.dry_run:
+        for name, seed in grid:
+            for cmd in commands(args, name, seed):
+                print(shown(cmd))
+        return 0
+    if not os.path.isdir(args.backbone):
+        raise SystemExit(f'error: no backbone folder at {args.backbone} (make one with pretrain.py)')
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED='1')
+    status, lock = {}, threading.Lock()
+
+    def job(name, seed):
+        t0 = time.time()
+        result = run_one(args, name, seed, env)
+        with lock:
+            status[(name, seed)] = result
+            print(f'[{len(status)}/{len(grid)}] {name} seed {seed}: {result} ({time.time() - t0:.0f}s)'
+                  + (f'; see {run_dir(args, name, seed)}/*.log' if result == 'failed' else ''), flush=True)
+            write_report(args, argv, status, started)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in [pool.submit(job, name, seed) for name, seed in grid]:
+            future.result()
+    write_report(args, argv, status, started)
+    failed = [k for k, v in status.items() if v == 'failed']
+    print(f'wrote {args.report}; {len(failed)} failed' + (f': {failed}' if failed else ''))
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""experiments.py end to end on the tiny backbone: 1 seed, 2 steps, tiny evaluations, Tables 1 and 4 (the real
+train.py / evaluate.py subprocesses; ~20 s); the report's structure, the grid's resumability, the dry run."""
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import experiments  # noqa: E402
+
+TINY = ['--seeds', '0', '--steps', '2', '--batch_size', '4', '--shapes_n', '32', '--per_class', '2', '--n_texts', '4',
+        '--jobs', '2']
+
+
+def table_rows(report: str, heading: str):
+    """{row label: cells} of the markdown table under a heading."""
+    section = report.split(f'## {heading}', 1)[1].split('\n## ', 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith('| ')]
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    return header, {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip('|').split('|')] for line in lines[1:])}
+
+
+def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
+    out, report_path = str(tmp_path / 'runs'), str(tmp_path / 'docs' / 'experiments.md')
+    argv = ['--backbone', tiny_backbone, '--tables', '1,4', *TINY, '--out', out, '--report', report_path]
+    assert experiments.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert '2 runs (2 settings x 1 seeds)' in printed and printed.count(': done (') == 2
+
+    for name in ('mvp', 'prefilled'):
+        folder = os.path.join(out, name, 'seed0')
+        for f in ('ckpt.pt', 'train.log', 'log.jsonl', 'eval.log', 'eval.json', 'run.json'):
+            assert os.path.isfile(os.path.join(folder, f)), (name, f)
+        with open(os.path.join(folder, 'run.json')) as f:
+            record = json.load(f)
+        assert record['train_rc'] == record['eval_rc'] == 0
+        assert record['trainable'] == 24 * 64  # tau 20 frames of the 2x2, 3x3, 4x4 scales; prefilled: as many tokens
+        assert record['peak_mb'] > 100 and record['train_s'] > 0  # a whole torch process
+        assert record['train_cmd'][record['train_cmd'].index('--max_steps') + 1] == '2'
+
+    report = open(report_path).read()
+    assert report.startswith('# MVP\'s tables in miniature')
+    assert f'python experiments.py {" ".join(argv)}' in report  # the exact command
+    assert re.search(r'This invocation took [\d.]+ min', report)
+    assert '## Summary: of 6 comparisons with the paper' in report
+    header, rows = table_rows(report, 'Table 1')
+    assert header == ['', 'FD_clip ↓', 'class acc ↑', 'trainable params', 'train s']
+    assert list(rows) == ['VAR (no tuning)', 'VAR + MVP']
+    assert rows['VAR + MVP'][2] == '1,536' and rows['VAR (no tuning)'][2] == '–'
+    float(rows['VAR + MVP'][0])  # one seed: a plain number, no ± std
+    header, rows = table_rows(report, 'Table 4')
+    assert header[-1] == 'peak RSS MB' and list(rows) == ['VAR (no tuning)', '+ prefilled prompt', '+ MVP']
+    assert float(rows['+ MVP'][-1]) > 100
+    assert '--prompt prefilled' in report and 'python evaluate.py --ckpt' in report  # the runs' commands
+    assert 'Paper: ' in report and 'Table 3' not in report  # only the tables asked for
+    _, runs = table_rows(report, 'All runs')
+    assert list(runs) == ['mvp', 'prefilled'] and all(cells[1] == 'done' for cells in runs.values())
+
+    # resumable: the same command runs nothing again
+    assert experiments.main(argv) == 0
+    assert capsys.readouterr().out.count(': cached (') == 2
+    # a run counts as done only for the same commands: other settings (here --steps) would train it again
+    with open(os.path.join(out, 'mvp', 'seed0', 'run.json')) as f:
+        record = json.load(f)
+    assert experiments.commands(experiments.get_args(argv), 'mvp', 0)[0] == record['train_cmd']
+    assert experiments.commands(experiments.get_args([*argv, '--steps', '3']), 'mvp', 0)[0] != record['train_cmd']
+
+
+def test_dry_run_lists_the_full_grid(capsys):
+    assert experiments.main(['--dry_run']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if line.startswith('python ')]
+    settings = len(experiments.RUNS)  # every setting is needed by some table
+    assert lines[0].startswith(f'{3 * settings} runs ({settings} settings x 3 seeds)')
+    assert len(commands) == 2 * 3 * settings
+    assert sum('train.py' in c for c in commands) == sum('evaluate.py' in c for c in commands) == 3 * settings
+    lora = [c for c in commands if '--prompt lora' in c]
+    assert len(lora) == 3 and all('--lora_rank 8' in c and '--lr 0.001' in c for c in lora)
+    assert all('--lr 0.0001' in c for c in commands if '--prompt full' in c)
+    assert [c for c in commands if '--placement random' in c][1].count('--placement_seed 1') == 1
+
+
+def test_unknown_table_is_an_error(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        experiments.main(['--tables', '2', '--dry_run'])
+    assert 'unknown --tables' in capsys.readouterr().err
