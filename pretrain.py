@@ -30,9 +30,8 @@ from vqvae import VQVAE
 
 IMAGE_SIZE = 64
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
-VAE_KWARGS = dict(vocab_size=1024, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
-                  norm_groups=1)  # one group: per-channel instance norm would wash out the flat colours
-VAR_KWARGS = dict(vocab_size=1024, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
+VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS)
+VAR_KWARGS = dict(vocab_size=512, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
 CLIP_CFG = dict(embed_dim=64,
                 vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=8, width=128, layers=4, head_width=32),
@@ -87,17 +86,25 @@ def train_vqvae(args):
             g['lr'] = cosine_lr(step, steps, args.vae_lr)
         x = to_input(train_images[rng.integers(0, len(train_images), B)])
         rec, vq_loss, idx = vae(x)
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + vq_loss
+        # the shape covers 1.5-8% of the image: weight its pixels up, or the background's error swamps it
+        border = torch.cat((x[:, :, 0], x[:, :, -1]), dim=2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+        weight = 1 + 9 * ((x - border).abs().amax(dim=1, keepdim=True) > 0.2).float()  # (B, 1, H, W)
+        error = (rec - x).abs() + (rec - x).square()
+        loss = (weight * error).mean() / weight.mean() + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 99:  # revive unused codes at encoder outputs, so the whole codebook gets used
+        if step % 100 == 99:  # revive unused codes at the worst-explained encoder outputs (mostly the shape's)
             with torch.no_grad():
                 dead = vae.quantize.ema_vocab_hit_SV.sum(0) < 1e-3
                 if dead.any():
-                    f = vae.quant_conv(vae.encoder(x)).permute(0, 2, 3, 1).reshape(-1, vae.Cvae)
-                    pick = f[torch.randint(0, f.shape[0], (int(dead.sum()),))]
-                    vae.quantize.embedding.weight[dead] = pick
+                    f = vae.quant_conv(vae.encoder(x))
+                    f_hats = vae.quantize.residual_quantize(f)[1]
+                    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, vae.Cvae)  # (B, C, h, w) -> (B*h*w, C)
+                    left = flat(f - f_hats[-1]).norm(dim=1)  # what all scales together still miss
+                    worst = left.topk(min(int(dead.sum()), left.shape[0])).indices
+                    picks = flat(f - f_hats[-2])[worst]  # there, the residual the last scale had to quantize
+                    vae.quantize.embedding.weight[dead.nonzero()[:len(picks), 0]] = picks
                     vae.quantize.ema_vocab_hit_SV[:, dead] = 1.0
         if step % args.log_every == 0 or step == steps - 1:
             log('vqvae', step, steps, t0, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
@@ -253,9 +260,9 @@ def main(argv=None):
     p.add_argument('--stage', default='all', choices=('all', 'vqvae', 'var', 'clip', 'classifier'))
     p.add_argument('--out', default='checkpoints/shapes')
     p.add_argument('--n_train', type=int, default=20000, help='training images rendered')
-    p.add_argument('--vae_steps', type=int, default=2000)
-    p.add_argument('--vae_lr', type=float, default=3e-3)
-    p.add_argument('--var_steps', type=int, default=1500)
+    p.add_argument('--vae_steps', type=int, default=1500)
+    p.add_argument('--vae_lr', type=float, default=2e-3)
+    p.add_argument('--var_steps', type=int, default=1200)
     p.add_argument('--var_lr', type=float, default=2e-3)
     p.add_argument('--clip_steps', type=int, default=900)
     p.add_argument('--clip_lr', type=float, default=1e-3)

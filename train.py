@@ -190,7 +190,7 @@ def save_grid(images, path: str, nrow: int = 8):
     nrow = min(nrow, B)
     rows = math.ceil(B / nrow)
     grid = Image.new('RGB', (nrow * W + (nrow + 1) * 2, rows * H + (rows + 1) * 2), 'white')
-    arr = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    arr = (images.detach().permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
     for i in range(B):
         grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

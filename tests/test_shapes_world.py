@@ -25,3 +25,25 @@ def test_tiny_clip_scores_matching_captions_above_shuffled():
     assert matched > shuffled + 5, (matched, shuffled)
     sentences = [shapes.sentence(a['label']) for a in items]
     assert clip_score(image_feats, clip.texts(sentences)) > clip_score(image_feats, clip.texts(sentences[7:] + sentences[:7]))
+
+
+def test_shipped_backbone_reconstructs_colour_position_and_background():
+    from pretrained import load_backbone
+    vae, var = load_backbone(ROOT)  # strict loading of the shipped VQVAE and VAR
+    images, items = held_out(32)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = vae.reconstruct(x)
+    psnr = 10 * torch.log10(1 / ((rec - x) / 2).square().mean()).item()
+    assert psnr > 24, psnr  # README: 26.3 dB on 256 held-out images
+    for key in ('colour', 'position', 'background'):
+        accuracy = np.mean([shapes.attribute_accuracy(r, a, keys=(key,)) for r, a in zip(rec, items)])
+        assert accuracy >= 0.9, (key, accuracy)
+
+
+def test_shipped_shape_classifier_names_held_out_renders():
+    from evaluate import load_classifier
+    images, items = held_out(100, seed=3)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        predicted = load_classifier(ROOT)(x).argmax(1)
+    assert (predicted == torch.tensor([a['label'] for a in items])).float().mean() >= 0.97
