@@ -47,3 +47,13 @@ def test_shipped_shape_classifier_names_held_out_renders():
     with torch.no_grad():
         predicted = load_classifier(ROOT)(x).argmax(1)
     assert (predicted == torch.tensor([a['label'] for a in items])).float().mean() >= 0.97
+
+
+def test_sample_text_uses_the_shipped_text_to_image_run(tmp_path, monkeypatch):
+    import sample
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(ROOT)))  # the repository root, as in the README
+    out = tmp_path / 'grid.png'
+    sample.main(['--text', 'a large green circle in the center on a white background', '--n', '2', '--out', str(out),
+                 '--device', 'cpu'])
+    from PIL import Image
+    assert Image.open(out).size == (2 * 64 + 3 * 2, 64 + 2 * 2)
