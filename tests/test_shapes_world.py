@@ -57,3 +57,16 @@ def test_sample_text_uses_the_shipped_text_to_image_run(tmp_path, monkeypatch):
                  '--device', 'cpu'])
     from PIL import Image
     assert Image.open(out).size == (2 * 64 + 3 * 2, 64 + 2 * 2)
+
+
+def test_quick_start_runs_end_to_end(tmp_path, monkeypatch):
+    """The README's quick start, shortened to a few steps: MVP with both CLIP losses on the shipped backbone, then
+    the before/after figures."""
+    import evaluate
+    import train
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(ROOT)))
+    out = str(tmp_path / 'quickstart')
+    train.main(['--backbone', 'checkpoints/shapes', '--data', 'shapes', '--max_steps', '3', '--shapes_n', '64',
+                '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--sample_every', '0', '--out_dir', out])
+    results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=3, seed=0)
+    assert set(results) == {'before', 'after'} and all(np.isfinite(v) for r in results.values() for v in r.values())
