@@ -12,7 +12,7 @@ upsampled scales, f_hat, is what the decoder turns back into an image.
 The parameter names and the math follow the released `vae_ch160v4096z32.pth`
 exactly, so that checkpoint loads with strict=True.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -372,7 +372,6 @@ def test_prefix_attention_mask(tiny_var):
 def test_generate_matches_teacher_forcing(tiny_vae, tiny_var, kind):
     """Greedy sampling without guidance picks, at every scale, the argmax of the teacher-forced logits
     computed from its own samples; with and without the KV cache."""
-    B = 2
     cond = tiny_var.class_condition(torch.tensor([1, 3]))
     torch.manual_seed(4)
     kw = {}
