@@ -22,18 +22,7 @@ import torch
 import shapes
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone
-from train import build_run, generate_images, init_text_projection, load_run
-
-
-def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
-    return (images_B3HW.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def load_classifier(backbone: str):
-    classifier = shapes.ShapeClassifier()
-    path = os.path.join(backbone, 'shape_classifier.pth')
-    classifier.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-    return classifier.eval()
+from train import build_run, generate_images, init_text_projection, load_run, to_uint8
 
 
 def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:
@@ -44,7 +33,7 @@ def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> f
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu') -> dict:
     cfg, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
-    classifier = load_classifier(cfg['backbone'])
+    classifier = shapes.load_shape_classifier(cfg['backbone'])
     features = ClipFeatures(pretrained=os.path.join(cfg['backbone'], 'clip'), device=device)
     reference_items = shapes.make_split('test', max(per_class * var.num_classes, n_texts), seed)
     reference = np.stack([shapes.render(a, vae.image_size) for a in reference_items])

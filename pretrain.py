@@ -161,7 +161,7 @@ def evaluate_var(out: str, seed: int, per_class: int = 20, cfg: float = 1.5) -> 
     """Class-conditional samples recognised as their class by the shape classifier (and a reference: the
     classifier on held-out renders)."""
     vae, var = load_backbone(out)
-    classifier = load_classifier(out)
+    classifier = shapes.load_shape_classifier(out)
     labels = torch.arange(var.num_classes).repeat_interleave(per_class)
     correct = 0
     for i in range(0, len(labels), 100):
@@ -169,12 +169,6 @@ def evaluate_var(out: str, seed: int, per_class: int = 20, cfg: float = 1.5) -> 
         images = vae.idx_to_img(idx)
         correct += (classifier(images).argmax(1) == labels[i:i + 100]).sum().item()
     return {'class_recognised': round(correct / len(labels), 3), 'samples': len(labels), 'cfg': cfg}
-
-
-def load_classifier(out: str) -> shapes.ShapeClassifier:
-    classifier = shapes.ShapeClassifier()
-    classifier.load_state_dict(torch.load(os.path.join(out, 'shape_classifier.pth'), map_location='cpu', weights_only=True))
-    return classifier.eval()
 
 
 def train_classifier(args):

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pretrained import load_backbone
-from train import generate_images, load_run, save_grid
+from train import generate_images, load_run, save_grid, to_uint8
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i.pt'  # what --text uses without --ckpt
 
@@ -88,7 +88,7 @@ def main(argv=None):
         for start in tqdm(range(0, len(labels), args.batch_size), desc='sampling'):
             batch = labels[start:start + args.batch_size].to(device)
             images = generate_images(vae, var, parts, clip, labels=batch, seed=args.seed + start, **settings)
-            chunks.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+            chunks.append(to_uint8(images))
         arr = np.concatenate(chunks)  # (N, H, W, 3) uint8
         tmp = args.eval_npz + '.part.npz'
         np.savez(tmp, arr_0=arr, labels=labels.numpy())

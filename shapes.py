@@ -378,3 +378,11 @@ class ShapeClassifier(torch.nn.Module):
         """One image (uint8 HxWx3, PIL, or a [-1, 1] tensor) -> class index, as attribute_accuracy's shape_classifier."""
         x = torch.as_tensor(to_tensor(_as_array(image))).unsqueeze(0).to(next(self.parameters()).device)
         return int(self(x).argmax(dim=1))
+
+
+def load_shape_classifier(folder):
+    """The ShapeClassifier that pretrain.py saved in a backbone folder, in eval mode."""
+    classifier = ShapeClassifier()
+    path = os.path.join(folder, "shape_classifier.pth")
+    classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return classifier.eval()

@@ -184,13 +184,17 @@ def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.
     return vae.idx_to_img(idx).add(1).mul(0.5).clamp(0, 1)
 
 
+def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
+    return (images_B3HW.detach().permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+
+
 def save_grid(images, path: str, nrow: int = 8):
     """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
     B, _, H, W = images.shape
     nrow = min(nrow, B)
     rows = math.ceil(B / nrow)
     grid = Image.new('RGB', (nrow * W + (nrow + 1) * 2, rows * H + (rows + 1) * 2), 'white')
-    arr = (images.detach().permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    arr = to_uint8(images)
     for i in range(B):
         grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

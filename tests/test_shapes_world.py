@@ -41,11 +41,10 @@ def test_shipped_backbone_reconstructs_colour_position_and_background():
 
 
 def test_shipped_shape_classifier_names_held_out_renders():
-    from evaluate import load_classifier
     images, items = held_out(100, seed=3)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        predicted = load_classifier(ROOT)(x).argmax(1)
+        predicted = shapes.load_shape_classifier(ROOT)(x).argmax(1)
     assert (predicted == torch.tensor([a['label'] for a in items])).float().mean() >= 0.97
 
 
