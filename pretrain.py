@@ -30,7 +30,7 @@ from vqvae import VQVAE
 
 IMAGE_SIZE = 64
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
-VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS)
+VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1, patch_nums=PATCH_NUMS)
 VAR_KWARGS = dict(vocab_size=512, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
 CLIP_CFG = dict(embed_dim=64,
@@ -76,7 +76,6 @@ def write_report(out: str, stage: str, report: dict):
 def train_vqvae(args):
     torch.manual_seed(args.seed)
     train_images, _ = rendered('train', args.n_train, args.seed)
-    test_images, _ = rendered('test', 256, args.seed)
     vae = VQVAE(**VAE_KWARGS).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
     steps, B, t0 = args.vae_steps, 32, time.time()
@@ -109,14 +108,23 @@ def train_vqvae(args):
         if step % args.log_every == 0 or step == steps - 1:
             log('vqvae', step, steps, t0, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
                 usage=vae.quantize.codebook_usage())
-    vae.eval()
-    with torch.no_grad():
-        x = to_input(test_images)
-        rec = torch.cat([vae.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
-    report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3),
-              'steps': steps, 'seconds': round(time.time() - t0)}
-    save_backbone(args.out, vae, VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # the VAR is a placeholder until --stage var
+    save_backbone(args.out, vae.eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
+    report = {**evaluate_vqvae(args.out, args.seed), 'steps': steps, 'seconds': round(time.time() - t0)}
     write_report(args.out, 'vqvae', report)
+
+
+@torch.no_grad()
+def evaluate_vqvae(out: str, seed: int, n: int = 256) -> dict:
+    """The saved (fp16-rounded) VQVAE on n held-out renders: PSNR, and whether the shape kind survives the tokens."""
+    vae, _ = load_backbone(out)
+    images, items = rendered('test', n, seed)
+    x = to_input(images)
+    rec = torch.cat([vae.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
+    report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3)}
+    if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
+        classifier, labels = shapes.load_shape_classifier(out), torch.tensor([a['label'] for a in items])
+        report['recon_shape_recognised'] = round((classifier(rec).argmax(1) == labels).float().mean().item(), 3)
+    return report
 
 
 def train_var(args):
@@ -130,6 +138,7 @@ def train_var(args):
                                                     for i in range(0, len(train_images), 256)])]
     print(f'[var] tokenised {len(train_images)} images in {time.time() - t0:.0f}s', flush=True)
     var = VAR(**VAR_KWARGS).train()
+    classifier = shapes.load_shape_classifier(args.out)
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]
     no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'emb' not in n and 'pos' not in n)]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05}, {'params': no_decay, 'weight_decay': 0.0}],
@@ -151,17 +160,19 @@ def train_var(args):
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
             log('var', step, steps, t0, loss=loss.item())
+        if step % 1000 == 999 and step < steps - 1:  # the learning curve of the gate, on a few samples
+            print(f'[var] step {step + 1}: {class_recognised(vae, var.eval(), classifier, args.seed, per_class=10)}', flush=True)
+            var.train()
     var.eval()
     save_backbone(args.out, vae, VAE_KWARGS, var, VAR_KWARGS)
-    write_report(args.out, 'var', {**evaluate_var(args.out, args.seed), 'steps': steps, 'seconds': round(time.time() - t0)})
+    vae, var = load_backbone(args.out)  # the saved (fp16-rounded) model
+    report = class_recognised(vae, var, classifier, args.seed)
+    write_report(args.out, 'var', {**report, 'steps': steps, 'seconds': round(time.time() - t0)})
 
 
 @torch.no_grad()
-def evaluate_var(out: str, seed: int, per_class: int = 20, cfg: float = 1.5) -> dict:
-    """Class-conditional samples recognised as their class by the shape classifier (and a reference: the
-    classifier on held-out renders)."""
-    vae, var = load_backbone(out)
-    classifier = shapes.load_shape_classifier(out)
+def class_recognised(vae, var, classifier, seed: int, per_class: int = 20, cfg: float = 1.5) -> dict:
+    """The fraction of class-conditional samples that the shape classifier names as their class."""
     labels = torch.arange(var.num_classes).repeat_interleave(per_class)
     correct = 0
     for i in range(0, len(labels), 100):
@@ -254,9 +265,9 @@ def main(argv=None):
     p.add_argument('--stage', default='all', choices=('all', 'vqvae', 'var', 'clip', 'classifier'))
     p.add_argument('--out', default='checkpoints/shapes')
     p.add_argument('--n_train', type=int, default=20000, help='training images rendered')
-    p.add_argument('--vae_steps', type=int, default=1500)
+    p.add_argument('--vae_steps', type=int, default=2000)
     p.add_argument('--vae_lr', type=float, default=2e-3)
-    p.add_argument('--var_steps', type=int, default=1200)
+    p.add_argument('--var_steps', type=int, default=3000)
     p.add_argument('--var_lr', type=float, default=2e-3)
     p.add_argument('--clip_steps', type=int, default=900)
     p.add_argument('--clip_lr', type=float, default=1e-3)
