@@ -93,6 +93,9 @@ class FolderDataset(torch.utils.data.Dataset):
         img = img.crop((left, top, left + self.image_size, top + self.image_size))
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
+    def caption_and_label(self, index: int):  # without loading the image
+        return self.captions[index], self.samples[index][1]
+
     def __getitem__(self, index: int):
         label = self.samples[index][1]
         return self.load_image(index), label, self.sentences[label], self.captions[index]

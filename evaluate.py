@@ -22,7 +22,7 @@ import torch
 import shapes
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone
-from train import build_run, generate_images, init_text_projection, load_run, to_uint8
+from train import build_dataset, build_run, generate_images, init_text_projection, load_run, to_uint8
 
 
 def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:
@@ -55,7 +55,8 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
     _, plain, _, untrained = build_run(cfg, device, need_clip=False)  # the same run's modules, before any step:
     if untrained.prompt is not None:
         untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
-    init_text_projection(untrained, clip, plain, shapes.CLASS_NAMES)  # ... and the least-squares projection
+    init_text_projection(untrained, clip, plain, build_dataset(argparse.Namespace(**cfg), vae.image_size))  # ... and
+    # the least-squares text projection, fitted on the run's own training texts
     for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i) for i in range(0, len(captions), 50)])

@@ -257,6 +257,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def caption_and_label(self, i):  # without rendering the image
+        return caption(self.items[i]), self.items[i]["label"]
+
     def __getitem__(self, i):
         attrs = self.items[i]
         return to_tensor(render(attrs, self.image_size)), attrs["label"], sentence(attrs["label"]), caption(attrs)

@@ -152,10 +152,17 @@ def build_run(cfg: dict, device, need_clip: bool):
     return vae, var, clip, TunedParts(prompt, text_cond, lora, tuned_var).to(device)
 
 
-def init_text_projection(parts: TunedParts, clip: FrozenClip, var, class_names):
-    """Start the text projection at the least-squares map from "a photo of a {class}" to VAR's class embeddings."""
-    sentence_feats = clip.encode_text([f'a photo of a {name}' for name in class_names])
-    parts.text_cond.init_least_squares(sentence_feats, var.class_emb.weight[:len(class_names)])
+@torch.no_grad()
+def init_text_projection(parts: TunedParts, clip: FrozenClip, var, dataset, n_captions: int = 2048):
+    """Start the text projection at the least-squares map from CLIP text features to VAR's class embeddings, fitted
+    on "a photo of a {class}" for every class and on up to n_captions training captions, each to its class."""
+    sentences = [f'a photo of a {name}' for name in dataset.class_names]
+    picks = range(0, len(dataset), max(1, len(dataset) // n_captions))[:n_captions]  # spread over the dataset
+    captions, labels = zip(*(dataset.caption_and_label(i) for i in picks))
+    texts = sentences + list(captions)
+    labels = torch.cat((torch.arange(len(sentences)), torch.tensor(labels))).to(var.class_emb.weight.device)
+    feats = torch.cat([clip.encode_text(texts[i:i + 512]) for i in range(0, len(texts), 512)])  # (N, D)
+    parts.text_cond.init_least_squares(feats, var.class_emb(labels))
 
 
 def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
@@ -334,7 +341,7 @@ def main(argv=None):
     var.cond_drop_rate = args.cond_drop
     dataset = build_dataset(args, vae.image_size)
     if args.t2i:
-        init_text_projection(parts, clip, var, dataset.class_names)
+        init_text_projection(parts, clip, var, dataset)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
                             args.gumbel) if semantic_on else None
     forward_var = torch.compile(var) if args.compile else var

@@ -69,3 +69,26 @@ def test_quick_start_runs_end_to_end(tmp_path, monkeypatch):
                 '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--sample_every', '0', '--out_dir', out])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=3, seed=0)
     assert set(results) == {'before', 'after'} and all(np.isfinite(v) for r in results.values() for v in r.values())
+
+
+def test_text_projection_starts_captions_near_their_class_embedding():
+    """train.init_text_projection on the shipped VAR and CLIP: held-out captions land closest to their own class's
+    embedding far above chance (1 in 10), at the class embeddings' scale (fitted on sentences alone, they land ~5x
+    farther out, where VAR draws noise)."""
+    from clip_loss import FrozenClip, load_clip
+    from pretrained import load_backbone
+    from text_condition import TextCondition
+    from train import init_text_projection
+
+    _, var = load_backbone(ROOT)
+    clip = FrozenClip(*load_clip(os.path.join(ROOT, 'clip')))
+    parts = torch.nn.Module()
+    parts.text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width)
+    init_text_projection(parts, clip, var, shapes.ShapesDataset('train', 2000))
+    items = shapes.make_split('test', 200, 0)
+    with torch.no_grad():
+        cond = parts.text_cond(clip.encode_text([shapes.caption(a) for a in items]))  # (200, C)
+    class_emb = var.class_emb.weight[:shapes.NUM_CLASSES]
+    nearest = torch.cdist(cond, class_emb).argmin(1)
+    assert (nearest == torch.tensor([a['label'] for a in items])).float().mean() > 0.3
+    assert 0.5 < cond.norm(dim=1).mean() / class_emb.norm(dim=1).mean() < 2
