@@ -34,7 +34,7 @@ def test_shipped_backbone_reconstructs_colour_position_and_background():
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = vae.reconstruct(x)
     psnr = 10 * torch.log10(1 / ((rec - x) / 2).square().mean()).item()
-    assert psnr > 24, psnr  # README: 26.3 dB on 256 held-out images
+    assert psnr > 25, psnr  # README: 27.2 dB on 256 held-out images
     for key in ('colour', 'position', 'background'):
         accuracy = np.mean([shapes.attribute_accuracy(r, a, keys=(key,)) for r, a in zip(rec, items)])
         assert accuracy >= 0.9, (key, accuracy)
