@@ -149,7 +149,7 @@ SECTIONS = [
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', 'sem')
 
 # for the time estimate: measured on this project's 2-core CPU machine, one torch thread, the shapes backbone's size
-STEP_S = {'semantic': 0.65, 'ce': 0.30}  # seconds per training step at batch 16
+STEP_S = {'semantic': 0.95, 'ce': 0.26}  # seconds per training step at batch 16 (the grid of docs/experiments.md)
 EVAL_S_PER_IMAGE = 0.04  # sampling + CLIP features, per image (evaluate.py draws "before" and "after" sets)
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
