@@ -55,8 +55,8 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
     _, plain, _, untrained = build_run(cfg, device, need_clip=False)  # the same run's modules, before any step:
     if untrained.prompt is not None:
         untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
-    init_text_projection(untrained, clip, plain, build_dataset(argparse.Namespace(**cfg), vae.image_size))  # ... and
-    # the least-squares text projection, fitted on the run's own training texts
+    run_dataset = build_dataset(argparse.Namespace(**cfg), vae.image_size)  # ... and the least-squares text projection,
+    init_text_projection(untrained.text_cond, clip, plain, run_dataset)  # fitted on the run's own training texts
     for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i) for i in range(0, len(captions), 50)])

@@ -153,16 +153,16 @@ def build_run(cfg: dict, device, need_clip: bool):
 
 
 @torch.no_grad()
-def init_text_projection(parts: TunedParts, clip: FrozenClip, var, dataset, n_captions: int = 2048):
+def init_text_projection(text_cond: TextCondition, clip: FrozenClip, var, dataset, n_captions: int = 2048):
     """Start the text projection at the least-squares map from CLIP text features to VAR's class embeddings, fitted
     on "a photo of a {class}" for every class and on up to n_captions training captions, each to its class."""
     sentences = [f'a photo of a {name}' for name in dataset.class_names]
     picks = range(0, len(dataset), max(1, len(dataset) // n_captions))[:n_captions]  # spread over the dataset
-    captions, labels = zip(*(dataset.caption_and_label(i) for i in picks))
+    captions, caption_labels = zip(*(dataset.caption_and_label(i) for i in picks))
     texts = sentences + list(captions)
-    labels = torch.cat((torch.arange(len(sentences)), torch.tensor(labels))).to(var.class_emb.weight.device)
+    labels = torch.cat((torch.arange(len(sentences)), torch.tensor(caption_labels))).to(var.class_emb.weight.device)
     feats = torch.cat([clip.encode_text(texts[i:i + 512]) for i in range(0, len(texts), 512)])  # (N, D)
-    parts.text_cond.init_least_squares(feats, var.class_emb(labels))
+    text_cond.init_least_squares(feats, var.class_emb(labels))
 
 
 def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
@@ -341,7 +341,7 @@ def main(argv=None):
     var.cond_drop_rate = args.cond_drop
     dataset = build_dataset(args, vae.image_size)
     if args.t2i:
-        init_text_projection(parts, clip, var, dataset)
+        init_text_projection(parts.text_cond, clip, var, dataset)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
                             args.gumbel) if semantic_on else None
     forward_var = torch.compile(var) if args.compile else var

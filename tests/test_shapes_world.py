@@ -82,12 +82,11 @@ def test_text_projection_starts_captions_near_their_class_embedding():
 
     _, var = load_backbone(ROOT)
     clip = FrozenClip(*load_clip(os.path.join(ROOT, 'clip')))
-    parts = torch.nn.Module()
-    parts.text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width)
-    init_text_projection(parts, clip, var, shapes.ShapesDataset('train', 2000))
+    text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width)
+    init_text_projection(text_cond, clip, var, shapes.ShapesDataset('train', 2000))
     items = shapes.make_split('test', 200, 0)
     with torch.no_grad():
-        cond = parts.text_cond(clip.encode_text([shapes.caption(a) for a in items]))  # (200, C)
+        cond = text_cond(clip.encode_text([shapes.caption(a) for a in items]))  # (200, C)
     class_emb = var.class_emb.weight[:shapes.NUM_CLASSES]
     nearest = torch.cdist(cond, class_emb).argmin(1)
     assert (nearest == torch.tensor([a['label'] for a in items])).float().mean() > 0.3
