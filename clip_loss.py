@@ -7,6 +7,12 @@ Accumulating those maps exactly as the VQVAE does (bicubic up to the last scale,
 decoding with the frozen VQVAE decoder gives two images (Eq. 7):
     I_sen = Decoder(sum_{t <= kappa} Up(R_t)),  kappa = floor(beta * K)   (the early, coarse image)
     I_cap = Decoder(sum_{t <= K}     Up(R_t))                           (the full image)
+The first scale is the exception when nothing trainable acts on it (class-to-image, where Table 6 turns its prompt
+off): its teacher-forced prediction then comes from the class alone, so a soft first map paints every image of a
+class with the class's average colours, whatever the caption says, and no gradient through it reaches a prompt.
+There the image's own first-scale map is used, as the transformer's input already does in teacher forcing; the
+scales the prompts act on stay predicted. The paper does not say how I_sen and I_cap are made differentiable;
+this choice and the alternatives measured are in the README ("The semantic loss in the shapes world").
 A frozen CLIP scores them against two texts with the symmetric image-text contrastive loss:
     L_semantic = lambda_sen * L_CLIP(I_sen, "a photo of a {class}") + lambda_cap * L_CLIP(I_cap, caption)  (Eq. 8)
 and training minimises L = CE + L_semantic (Eq. 9). Gradients flow through CLIP's image tower, the
@@ -179,10 +185,13 @@ class SemanticLoss(nn.Module):
         self.lambda_sen, self.lambda_cap = lambda_sen, lambda_cap
         self.temperature, self.gumbel = temperature, gumbel
 
-    def decode_sen_cap(self, logits_BLV: torch.Tensor):
-        """Eq. 7: I_sen from scales 1..kappa and I_cap from all K scales of the predicted maps, images in [-1, 1]."""
+    def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
+        """Eq. 7: I_sen from scales 1..kappa and I_cap from all K scales of the predicted maps, images in [-1, 1].
+        first_idx_Bl: the image's own first-scale tokens (B, 1), used in place of the first predicted map."""
         quant = self.vqvae.quantize
         maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.gumbel)
+        if first_idx_Bl is not None:
+            maps[0] = quant.embedding(first_idx_Bl).transpose(1, 2).reshape_as(maps[0]).to(maps[0].dtype)
         f_hat_sen = sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps[:self.kappa]))
         f_hat_cap = f_hat_sen + sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps) if si >= self.kappa)
         wanted = [f for f, w in ((f_hat_sen, self.lambda_sen), (f_hat_cap, self.lambda_cap)) if w > 0]
@@ -192,8 +201,9 @@ class SemanticLoss(nn.Module):
         img_cap = images[-B:] if self.lambda_cap > 0 else None
         return img_sen, img_cap
 
-    def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
-        img_sen, img_cap = self.decode_sen_cap(logits_BLV)
+    def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str],
+                first_idx_Bl: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        img_sen, img_cap = self.decode_sen_cap(logits_BLV, first_idx_Bl)
         scale = self.clip.logit_scale()
         zero = logits_BLV.new_zeros(())
         loss_sen = contrastive_loss(self.clip.encode_image(img_sen), self.clip.encode_text(sentences), sentences, scale) \

@@ -29,6 +29,20 @@ def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> f
     return frechet_distance(*feature_statistics(features.images(generated)), *reference_stats)
 
 
+def fd_clip_with_se(features: ClipFeatures, generated: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):
+    """FD_clip and its standard error over the generated samples (the std of FD over bootstrap resamples)."""
+    feats = features.images(generated)
+    rng = np.random.default_rng(seed)
+    boot = [frechet_distance(*feature_statistics(feats[rng.integers(0, len(feats), len(feats))]), *reference_stats)
+            for _ in range(n_boot)]
+    return frechet_distance(*feature_statistics(feats), *reference_stats), float(np.std(boot))
+
+
+def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 @torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu') -> dict:
@@ -47,8 +61,10 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
         for name, model, tuned in (('before', plain, None), ('after', var, parts)):
             images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
                                                 seed=seed + i) for i in range(0, len(labels), 100)])
-            recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().mean().item()
-            results[name] = {'FD_clip': fd_clip(features, to_uint8(images), reference_stats), 'class_accuracy': recognised}
+            recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().cpu().numpy()
+            fd, fd_se = fd_clip_with_se(features, to_uint8(images), reference_stats, seed=seed)
+            accuracy, accuracy_se = mean_with_se(recognised)
+            results[name] = {'FD_clip': fd, 'FD_clip_se': fd_se, 'class_accuracy': accuracy, 'class_accuracy_se': accuracy_se}
         return results
     items = reference_items[:n_texts]
     captions = [shapes.caption(a) for a in items]
@@ -61,18 +77,25 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i) for i in range(0, len(captions), 50)])
         arrays = to_uint8(images)
-        accuracy = np.mean([shapes.attribute_accuracy(im, a, shape_classifier=classifier.predict) for im, a in zip(arrays, items)])
-        score = clip_score(features.images(arrays), features.texts(captions))
-        results[name] = {'FD_clip': fd_clip(features, arrays, reference_stats), 'attribute_accuracy': float(accuracy),
-                         'clip_score': score}
+        fd, fd_se = fd_clip_with_se(features, arrays, reference_stats, seed=seed)
+        row = {'FD_clip': fd, 'FD_clip_se': fd_se}
+        per_attribute = {key: [shapes.attribute_accuracy(im, a, keys=(key,), shape_classifier=classifier.predict)
+                               for im, a in zip(arrays, items)] for key in shapes.ATTRIBUTES}
+        row['attribute_accuracy'], row['attribute_accuracy_se'] = mean_with_se(np.mean(list(per_attribute.values()), axis=0))
+        for key, correct in per_attribute.items():
+            row[f'{key}_accuracy'], row[f'{key}_accuracy_se'] = mean_with_se(correct)
+        row['clip_score'] = clip_score(features.images(arrays), features.texts(captions))
+        results[name] = row
     return results
 
 
 def format_results(results: dict) -> str:
-    keys = list(results['before'])
+    """A markdown table, each figure as value ± its standard error where it has one."""
+    keys = [k for k in results['before'] if not k.endswith('_se')]
     lines = ['| | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
     for name, row in results.items():
-        lines.append(f'| {name} | ' + ' | '.join(f'{row[k]:.4f}' for k in keys) + ' |')
+        cells = [f'{row[k]:.3f} ± {row[k + "_se"]:.3f}' if k + '_se' in row else f'{row[k]:.3f}' for k in keys]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 

@@ -15,8 +15,10 @@ and report_<stage>.json with the quality gates measured on held-out images:
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,24 +30,30 @@ from pretrained import load_backbone, save_backbone
 from var import VAR
 from vqvae import VQVAE
 
-IMAGE_SIZE = 64
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
-VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1, patch_nums=PATCH_NUMS)
-VAR_KWARGS = dict(vocab_size=512, z_channels=16, depth=4, width=128, num_heads=2, num_classes=shapes.NUM_CLASSES,
+IMAGE_SIZE = shapes.IMAGE_SIZE  # 48: 12x12 latents at 4x downsampling, each token a 4x4-pixel patch
+PATCH_NUMS = (1, 2, 3, 4, 6, 8, 12)
+VAE_KWARGS = dict(vocab_size=1024, z_channels=16, ch=32, ch_mult=(1, 2, 4), num_res_blocks=2, patch_nums=PATCH_NUMS,
+                  norm_groups=8)
+VAR_KWARGS = dict(vocab_size=1024, z_channels=16, depth=6, width=192, num_heads=3, num_classes=shapes.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
 CLIP_CFG = dict(embed_dim=64,
-                vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=8, width=128, layers=4, head_width=32),
+                vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=6, width=128, layers=4, head_width=32),
                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3))
 
 
 def rendered(split: str, n: int, seed: int = 0):
-    """(images uint8 (N, H, W, 3), the attribute dicts) of a split, rendered once."""
+    """(images uint8 (N, H, W, 3), the attribute dicts) of a split, rendered once (on every core)."""
     items = shapes.make_split(split, n, seed)
-    return np.stack([shapes.render(a, IMAGE_SIZE) for a in items]), items
+    if n < 2000:
+        return np.stack([shapes.render(a, IMAGE_SIZE) for a in items]), items
+    with multiprocessing.get_context('spawn').Pool() as pool:
+        return np.stack(pool.map(shapes.render, items, chunksize=500)), items
 
 
-def to_input(images_uint8: np.ndarray) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
+    """An array goes to `device` (the CPU if None); a tensor stays where it is."""
+    x = torch.as_tensor(images_uint8) if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(images_uint8, device=device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int = 100) -> float:
@@ -65,9 +73,52 @@ def log(stage: str, step: int, total: int, t0: float, **values):
 
 
 def write_report(out: str, stage: str, report: dict):
-    with open(os.path.join(out, f'report_{stage}.json'), 'w') as f:
+    """OUT/report_STAGE.json; a report without training figures (--evaluate) keeps the earlier ones."""
+    path = os.path.join(out, f'report_{stage}.json')
+    if 'steps' not in report and os.path.isfile(path):
+        with open(path) as f:
+            report = {**{k: v for k, v in json.load(f).items() if k in ('steps', 'seconds')}, **report}
+    with open(path + '.part', 'w') as f:
         json.dump(report, f, indent=1)
+    os.replace(path + '.part', path)
     print(f'[{stage}] report: {json.dumps(report)}', flush=True)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on the CPU (reproducible, and the tiny widths gain little from bf16 there)."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+
+class Resumable:
+    """A stage's training state (model, optimizer, step, RNGs) in OUT/resume/STAGE.pt every `every` steps, written
+    atomically; a rerun of the stage continues from it, and a finished stage deletes it."""
+
+    def __init__(self, out: str, stage: str, every: int):
+        self.path, self.every = os.path.join(out, 'resume', f'{stage}.pt'), every
+
+    def restore(self, model, opt, rng: np.random.Generator) -> int:
+        if not os.path.isfile(self.path):
+            return 0
+        state = torch.load(self.path, map_location='cpu', weights_only=True)
+        model.load_state_dict(state['model'])
+        opt.load_state_dict(state['opt'])
+        rng.bit_generator.state = state['numpy']
+        torch.set_rng_state(state['torch'])
+        print(f'resuming from {self.path} at step {state["step"]}', flush=True)
+        return state['step']
+
+    def maybe_save(self, step: int, total: int, model, opt, rng: np.random.Generator):
+        if step % self.every or step >= total:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        state = {'step': step, 'model': model.state_dict(), 'opt': opt.state_dict(), 'numpy': rng.bit_generator.state,
+                 'torch': torch.get_rng_state()}
+        torch.save(state, self.path + '.part')
+        os.replace(self.path + '.part', self.path)
+
+    def finish(self):
+        if os.path.isfile(self.path):
+            os.remove(self.path)
 
 
 # -----------------------------------------------------------------------------
@@ -75,17 +126,19 @@ def write_report(out: str, stage: str, report: dict):
 
 def train_vqvae(args):
     torch.manual_seed(args.seed)
-    train_images, _ = rendered('train', args.n_train, args.seed)
-    vae = VQVAE(**VAE_KWARGS).train()
+    device = args.device
+    train_images = torch.as_tensor(rendered('train', args.n_train, args.seed)[0], device=device)  # uint8 (N, H, W, 3)
+    vae = VQVAE(**VAE_KWARGS).to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
-    steps, B, t0 = args.vae_steps, 32, time.time()
+    steps, B, t0 = args.vae_steps, args.vae_batch, time.time()
     rng = np.random.default_rng(args.seed)
-    for step in range(steps):
+    resume = Resumable(args.out, 'vqvae', args.ckpt_every)
+    for step in range(resume.restore(vae, opt, rng), steps):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, args.vae_lr)
-        x = to_input(train_images[rng.integers(0, len(train_images), B)])
+        x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
         rec, vq_loss, idx = vae(x)
-        # the shape covers 1.5-8% of the image: weight its pixels up, or the background's error swamps it
+        # weight the shape's pixels up (it covers 4-16% of the image), or the background's error swamps its edges
         border = torch.cat((x[:, :, 0], x[:, :, -1]), dim=2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
         weight = 1 + 9 * ((x - border).abs().amax(dim=1, keepdim=True) > 0.2).float()  # (B, 1, H, W)
         error = (rec - x).abs() + (rec - x).square()
@@ -108,52 +161,57 @@ def train_vqvae(args):
         if step % args.log_every == 0 or step == steps - 1:
             log('vqvae', step, steps, t0, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
                 usage=vae.quantize.codebook_usage())
-    save_backbone(args.out, vae.eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
-    report = {**evaluate_vqvae(args.out, args.seed), 'steps': steps, 'seconds': round(time.time() - t0)}
-    write_report(args.out, 'vqvae', report)
+        resume.maybe_save(step + 1, steps, vae, opt, rng)
+    save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
+    resume.finish()
+    write_report(args.out, 'vqvae', {**evaluate_vqvae(args), 'steps': steps, 'seconds': round(time.time() - t0)})
 
 
 @torch.no_grad()
-def evaluate_vqvae(out: str, seed: int, n: int = 256) -> dict:
-    """The saved (fp16-rounded) VQVAE on n held-out renders: PSNR, and whether the shape kind survives the tokens."""
-    vae, _ = load_backbone(out)
-    images, items = rendered('test', n, seed)
-    x = to_input(images)
-    rec = torch.cat([vae.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
-    report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3)}
+def evaluate_vqvae(args) -> dict:
+    """The saved (fp16-rounded) VQVAE on held-out renders: PSNR, and whether the shape kind survives the tokens."""
+    out, device, n = args.out, args.device, args.gate_per_class * shapes.NUM_CLASSES
+    vae, _ = load_backbone(out, device=device)
+    images, items = rendered('test', n, args.seed)
+    x = to_input(images, device)
+    rec = torch.cat([vae.reconstruct(x[i:i + 100]) for i in range(0, len(x), 100)])
+    report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3),
+              'images': n}
     if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
-        classifier, labels = shapes.load_shape_classifier(out), torch.tensor([a['label'] for a in items])
-        report['recon_shape_recognised'] = round((classifier(rec).argmax(1) == labels).float().mean().item(), 3)
+        classifier, labels = shapes.load_shape_classifier(out).to(device), torch.tensor([a['label'] for a in items])
+        report['recon_shape_recognised'] = round((classifier(rec).argmax(1).cpu() == labels).float().mean().item(), 3)
     return report
 
 
 def train_var(args):
     torch.manual_seed(args.seed)
-    vae, _ = load_backbone(args.out)
+    device = args.device
+    vae, _ = load_backbone(args.out, device=device)
     train_images, train_items = rendered('train', args.n_train, args.seed)
-    labels = torch.tensor([a['label'] for a in train_items])
+    labels = torch.tensor([a['label'] for a in train_items], device=device)
     t0 = time.time()
     with torch.no_grad():  # the VQVAE is frozen: tokenise the training set once
-        idx_all = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(to_input(train_images[i:i + 256]))
-                                                    for i in range(0, len(train_images), 256)])]
+        idx_all = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(to_input(train_images[i:i + 500], device))
+                                                    for i in range(0, len(train_images), 500)])]
     print(f'[var] tokenised {len(train_images)} images in {time.time() - t0:.0f}s', flush=True)
-    var = VAR(**VAR_KWARGS).train()
-    classifier = shapes.load_shape_classifier(args.out)
+    var = VAR(**VAR_KWARGS).to(device).train()
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]
     no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'emb' not in n and 'pos' not in n)]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05}, {'params': no_decay, 'weight_decay': 0.0}],
                             lr=args.var_lr, betas=(0.9, 0.95))
-    steps, B = args.var_steps, 64
+    steps, B = args.var_steps, args.var_batch
     rng = np.random.default_rng(args.seed)
-    for step in range(steps):
+    resume = Resumable(args.out, 'var', args.ckpt_every)
+    for step in range(resume.restore(var, opt, rng), steps):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, args.var_lr)
-        pick = torch.from_numpy(rng.integers(0, len(labels), B))
+        pick = torch.from_numpy(rng.integers(0, len(labels), B)).to(device)
         idx = [m[pick] for m in idx_all]
         with torch.no_grad():
             x_BLCv = vae.quantize.teacher_forcing_input(idx)
-        logits = var(var.class_condition(labels[pick], drop=True), x_BLCv)
-        loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+        with autocast(device):
+            logits = var(var.class_condition(labels[pick], drop=True), x_BLCv)
+            loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
@@ -161,40 +219,61 @@ def train_var(args):
         if step % args.log_every == 0 or step == steps - 1:
             log('var', step, steps, t0, loss=loss.item())
         if step % 1000 == 999 and step < steps - 1:  # the learning curve of the gate, on a few samples
-            print(f'[var] step {step + 1}: {class_recognised(vae, var.eval(), classifier, args.seed, per_class=10)}', flush=True)
+            print(f'[var] step {step + 1}: {class_recognised(vae, var.eval(), args.out, device, per_class=10)}', flush=True)
             var.train()
-    var.eval()
-    save_backbone(args.out, vae, VAE_KWARGS, var, VAR_KWARGS)
-    vae, var = load_backbone(args.out)  # the saved (fp16-rounded) model
-    report = class_recognised(vae, var, classifier, args.seed)
-    write_report(args.out, 'var', {**report, 'steps': steps, 'seconds': round(time.time() - t0)})
+        resume.maybe_save(step + 1, steps, var, opt, rng)
+    save_backbone(args.out, vae.cpu(), VAE_KWARGS, var.cpu().eval(), VAR_KWARGS)
+    resume.finish()
+    write_report(args.out, 'var', {**evaluate_var(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+
+
+def evaluate_var(args) -> dict:
+    """The saved (fp16-rounded) VAR's gates at evaluate.py's sampling settings."""
+    vae, var = load_backbone(args.out, device=args.device)
+    return class_recognised(vae, var, args.out, args.device, args.gate_per_class, with_fd=True, cfg=args.cfg)
 
 
 @torch.no_grad()
-def class_recognised(vae, var, classifier, seed: int, per_class: int = 20, cfg: float = 1.5) -> dict:
-    """The fraction of class-conditional samples that the shape classifier names as their class."""
-    labels = torch.arange(var.num_classes).repeat_interleave(per_class)
-    correct = 0
-    for i in range(0, len(labels), 100):
-        idx = var.generate(vae, var.class_emb(labels[i:i + 100]), cfg=cfg, top_k=0, top_p=0.0, seed=seed + i)
-        images = vae.idx_to_img(idx)
-        correct += (classifier(images).argmax(1) == labels[i:i + 100]).sum().item()
-    return {'class_recognised': round(correct / len(labels), 3), 'samples': len(labels), 'cfg': cfg}
+def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: bool = False, cfg: float = 1.5) -> dict:
+    """Class-conditional samples at evaluate.py's and sample.py's settings (train.generate_images): the fraction the
+    shape classifier names as their class; with_fd, also FD_clip of the samples and of VQVAE reconstructions, both
+    against as many held-out renders (the reconstructions' FD is the floor the tokens set)."""
+    from evaluate import fd_clip
+    from fid import ClipFeatures, feature_statistics
+    from train import generate_images, to_uint8
+    classifier = shapes.load_shape_classifier(out).to(device)
+    labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
+    images = torch.cat([generate_images(vae, var, None, None, labels=labels[i:i + 250], cfg_scale=cfg, seed=i)
+                        for i in range(0, len(labels), 250)])  # (N, 3, H, W) in [0, 1]
+    recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().mean().item()
+    report = {'class_recognised': round(recognised, 3), 'samples': len(labels), 'cfg': cfg}
+    if with_fd:
+        features = ClipFeatures(pretrained=os.path.join(out, 'clip'), device=device)
+        reference = rendered('test', len(labels), 1)[0]  # held out, and not the renders reconstructed below
+        reference_stats = feature_statistics(features.images(reference))
+        x = to_input(rendered('test', len(labels), 2)[0], device)
+        recon = torch.cat([vae.reconstruct(x[i:i + 250]) for i in range(0, len(x), 250)]).add(1).mul(0.5)
+        report['fd_clip_samples'] = round(fd_clip(features, to_uint8(images), reference_stats), 3)
+        report['fd_clip_reconstructions'] = round(fd_clip(features, to_uint8(recon), reference_stats), 3)
+        report['fd_ratio'] = round(report['fd_clip_samples'] / report['fd_clip_reconstructions'], 2)
+    return report
 
 
 def train_classifier(args):
     torch.manual_seed(args.seed)
+    device = args.device
     train_images, train_items = rendered('train', args.n_train, args.seed + 1)
-    test_images, test_items = rendered('test', 1000, args.seed + 1)
-    labels = torch.tensor([a['label'] for a in train_items])
-    model = shapes.ShapeClassifier().train()
+    train_images = torch.as_tensor(train_images, device=device)
+    labels = torch.tensor([a['label'] for a in train_items], device=device)
+    model = shapes.ShapeClassifier().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     steps, B, t0 = args.classifier_steps, 64, time.time()
     rng = np.random.default_rng(args.seed)
-    for step in range(steps):
+    resume = Resumable(args.out, 'classifier', args.ckpt_every)
+    for step in range(resume.restore(model, opt, rng), steps):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, 2e-3)
-        pick = rng.integers(0, len(labels), B)
+        pick = torch.from_numpy(rng.integers(0, len(labels), B)).to(device)
         x = to_input(train_images[pick])
         if step % 2:  # half the batches blurred: generated images are softer than renders
             x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
@@ -204,57 +283,78 @@ def train_classifier(args):
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
             log('classifier', step, steps, t0, loss=loss.item())
-    model.eval()
+        resume.maybe_save(step + 1, steps, model, opt, rng)
     os.makedirs(args.out, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(args.out, 'shape_classifier.pth'))
-    with torch.no_grad():
-        x = to_input(test_images)
-        pred = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
-    acc = (pred == torch.tensor([a['label'] for a in test_items])).float().mean().item()
-    write_report(args.out, 'classifier', {'heldout_accuracy': round(acc, 3), 'steps': steps, 'seconds': round(time.time() - t0)})
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out, 'shape_classifier.pth'))
+    resume.finish()
+    write_report(args.out, 'classifier', {**evaluate_classifier(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+
+
+@torch.no_grad()
+def evaluate_classifier(args) -> dict:
+    """The saved (fp16-rounded) classifier on 1000 held-out renders."""
+    images, items = rendered('test', 1000, args.seed + 1)
+    model, x = shapes.load_shape_classifier(args.out), to_input(images)
+    pred = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
+    return {'heldout_accuracy': round((pred == torch.tensor([a['label'] for a in items])).float().mean().item(), 3)}
+
+
+def low_resolution(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Half the batch seen at a lower resolution (area-downsampled to 8-24 px, bicubic back up). A real CLIP knows
+    small and blurry photos; the semantic loss shows this one I_sen, decoded from the coarse scales alone."""
+    half, size = x.shape[0] // 2, int(rng.choice((8, 12, 16, 24)))
+    small = F.interpolate(F.adaptive_avg_pool2d(x[:half], size), size=x.shape[-2:], mode='bicubic', align_corners=False)
+    return torch.cat((small.clamp(-1, 1), x[half:]))
 
 
 def train_clip(args):
     import open_clip
     from safetensors.torch import save_file
     torch.manual_seed(args.seed)
+    device = args.device
     train_images, train_items = rendered('train', args.n_train, args.seed + 2)
-    model = open_clip.model.CLIP(**CLIP_CFG).train()
+    train_images = torch.as_tensor(train_images, device=device)
+    model = open_clip.model.CLIP(**CLIP_CFG).to(device).train()
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CFG['text_cfg']['context_length'])
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    steps, B, t0 = args.clip_steps, 128, time.time()
+    steps, B, t0 = args.clip_steps, args.clip_batch, time.time()
     rng = np.random.default_rng(args.seed)
-    for step in range(steps):
+    resume = Resumable(args.out, 'clip', args.ckpt_every)
+    for step in range(resume.restore(model, opt, rng), steps):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, args.clip_lr)
         pick = rng.integers(0, len(train_items), B)
         # captions mostly, sentences sometimes: the semantic loss asks CLIP about both levels of text
         texts = [shapes.caption(train_items[i]) if rng.random() < 0.75 else shapes.sentence(train_items[i]['label'])
                  for i in pick]
-        img_feats = F.normalize(model.encode_image(to_input(train_images[pick])), dim=-1)
-        txt_feats = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+        with autocast(device):
+            x = low_resolution(to_input(train_images[torch.from_numpy(pick).to(device)]), rng)
+            img_feats = F.normalize(model.encode_image(x).float(), dim=-1)
+            txt_feats = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
         loss = contrastive_loss(img_feats, txt_feats, texts, model.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
             log('clip', step, steps, t0, loss=loss.item(), scale=model.logit_scale.exp().item())
-    model.eval()
+        resume.maybe_save(step + 1, steps, model, opt, rng)
+    model.cpu().eval()
     folder = os.path.join(args.out, 'clip')
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
         json.dump({'model_cfg': CLIP_CFG, 'preprocess_cfg': {'mean': [0.5] * 3, 'std': [0.5] * 3}}, f, indent=1)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
               os.path.join(folder, 'open_clip_model.safetensors'))
-    write_report(args.out, 'clip', {**evaluate_clip(args.out, args.seed), 'steps': steps, 'seconds': round(time.time() - t0)})
+    resume.finish()
+    write_report(args.out, 'clip', {**evaluate_clip(args), 'steps': steps, 'seconds': round(time.time() - t0)})
 
 
 @torch.no_grad()
-def evaluate_clip(out: str, seed: int, n: int = 100) -> dict:
+def evaluate_clip(args, n: int = 100) -> dict:
     """Top-1 image-to-caption retrieval among n held-out captions, with the saved (fp16-rounded) model."""
     from clip_loss import FrozenClip, load_clip
-    clip = FrozenClip(*load_clip(os.path.join(out, 'clip')))
-    images, items = rendered('test', n, seed + 2)
+    clip = FrozenClip(*load_clip(os.path.join(args.out, 'clip')))
+    images, items = rendered('test', n, args.seed + 2)
     sims = clip.encode_image(to_input(images)) @ clip.encode_text([shapes.caption(a) for a in items]).T  # (n, n)
     return {'image_to_caption_top1': round((sims.argmax(1) == torch.arange(n)).float().mean().item(), 3), 'captions': n}
 
@@ -264,24 +364,41 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--stage', default='all', choices=('all', 'vqvae', 'var', 'clip', 'classifier'))
     p.add_argument('--out', default='checkpoints/shapes')
-    p.add_argument('--n_train', type=int, default=20000, help='training images rendered')
-    p.add_argument('--vae_steps', type=int, default=2000)
+    p.add_argument('--n_train', type=int, default=100000, help='training images rendered')
+    p.add_argument('--vae_steps', type=int, default=8000)
+    p.add_argument('--vae_batch', type=int, default=64)
     p.add_argument('--vae_lr', type=float, default=2e-3)
-    p.add_argument('--var_steps', type=int, default=3000)
-    p.add_argument('--var_lr', type=float, default=2e-3)
-    p.add_argument('--clip_steps', type=int, default=900)
+    p.add_argument('--var_steps', type=int, default=6000)
+    p.add_argument('--var_batch', type=int, default=256)
+    p.add_argument('--var_lr', type=float, default=1e-3)
+    p.add_argument('--gate_per_class', type=int, default=100, help='held-out images (VQVAE) and samples (VAR) per class for the gates')
+    p.add_argument('--cfg', type=float, default=1.5, help='guidance of the VAR gates\' samples (evaluate.py\'s default)')
+    p.add_argument('--clip_steps', type=int, default=3000)
+    p.add_argument('--clip_batch', type=int, default=256)
     p.add_argument('--clip_lr', type=float, default=1e-3)
-    p.add_argument('--classifier_steps', type=int, default=400)
+    p.add_argument('--classifier_steps', type=int, default=1500)
+    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, ...')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
-    p.add_argument('--log_every', type=int, default=50)
+    p.add_argument('--ckpt_every', type=int, default=500, help='save the stage\'s training state every N steps')
+    p.add_argument('--log_every', type=int, default=100)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--evaluate', action='store_true', help='train nothing: measure the saved files\' gates again')
     args = p.parse_args(argv)
+    args.device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    if args.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    stages = ('classifier', 'vqvae', 'var', 'clip') if args.stage == 'all' else (args.stage,)
+    # the classifier and CLIP first: the VQVAE's and the VAR's reports use them
+    stages = ('classifier', 'clip', 'vqvae', 'var') if args.stage == 'all' else (args.stage,)
     for stage in stages:
-        {'vqvae': train_vqvae, 'var': train_var, 'clip': train_clip, 'classifier': train_classifier}[stage](args)
+        if args.evaluate:
+            evaluate = {'vqvae': evaluate_vqvae, 'var': evaluate_var, 'clip': evaluate_clip, 'classifier': evaluate_classifier}
+            write_report(args.out, stage, evaluate[stage](args))
+        else:
+            {'vqvae': train_vqvae, 'var': train_var, 'clip': train_clip, 'classifier': train_classifier}[stage](args)
 
 
 if __name__ == '__main__':

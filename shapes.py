@@ -55,7 +55,9 @@ BACKGROUNDS = {  # background colours, RGB; >= 100 away from every shape colour 
     "white": (240, 240, 240),
     "dark blue": (20, 30, 80),
 }
-SIZES = {"small": 0.015, "medium": 0.035, "large": 0.08}  # shape area / image area
+# shape area / image area. ImageNet's objects fill much of the frame; shapes of 1.5-8% (version 1) covered one or
+# two latent tokens, too few for any tokenizer to keep a pentagon apart from a hexagon
+SIZES = {"small": 0.04, "medium": 0.08, "large": 0.16}
 POSITIONS = ["top left", "top", "top right",  # row-major over the 3x3 grid
              "left", "center", "right",
              "bottom left", "bottom", "bottom right"]
@@ -66,6 +68,7 @@ POSITION_PHRASES = {
     "bottom right": "in the bottom right corner",
 }
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+IMAGE_SIZE = 48  # the backbone's images: 12x12 latents at 4x downsampling (pretrain.py)
 SPLITS = ("train", "test")
 
 CELL_CENTRES = (0.25, 0.5, 0.75)  # where a shape's centroid is placed, fraction of the image side
@@ -144,7 +147,7 @@ _SHAPES = {name: _normalise(ops) for name, ops in {
 # -----------------------------------------------------------------------------
 # rendering
 
-def render(attrs, image_size=64):
+def render(attrs, image_size=IMAGE_SIZE):
     """Draw the image described by attrs -> uint8 array (H, W, 3). Missing jitter = none."""
     S = image_size
     dx, dy, scale, angle = attrs.get("jitter", (0.0, 0.0, 1.0, 0.0))
@@ -249,7 +252,7 @@ def make_split(split, n, seed=0):
 class ShapesDataset(torch.utils.data.Dataset):
     """(image (3, H, W) in [-1, 1], label, sentence, caption); images are rendered on the fly."""
 
-    def __init__(self, split, n, image_size=64, seed=0):
+    def __init__(self, split, n, image_size=IMAGE_SIZE, seed=0):
         self.items = make_split(split, n, seed)
         self.image_size = image_size
         self.class_names = list(CLASS_NAMES)
@@ -265,7 +268,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return to_tensor(render(attrs, self.image_size)), attrs["label"], sentence(attrs["label"]), caption(attrs)
 
 
-def export_image_folder(root, split, n_per_class, seed=0, image_size=64):
+def export_image_folder(root, split, n_per_class, seed=0, image_size=IMAGE_SIZE):
     """Write root/<split>/<class>/<idx>.png, root/class_names.txt and root/captions.jsonl.
     captions.jsonl keeps the entries of other splits already exported to root. Returns this split's entries."""
     records = []

@@ -15,7 +15,8 @@ from pretrained import load_backbone
 def pretrained_folder(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('backbone'))
     pretrain.main(['--stage', 'all', '--out', out, '--n_train', '64', '--vae_steps', '3', '--var_steps', '3',
-                   '--clip_steps', '2', '--classifier_steps', '2', '--log_every', '1'])
+                   '--clip_steps', '2', '--classifier_steps', '2', '--log_every', '1', '--gate_per_class', '2',
+                   '--vae_batch', '8', '--var_batch', '8', '--clip_batch', '16', '--device', 'cpu'])
     return out
 
 
@@ -38,10 +39,42 @@ def test_every_stage_reports_its_gate(pretrained_folder):
 def test_written_models_load_strictly_and_run(pretrained_folder):
     vae, var = load_backbone(pretrained_folder)
     assert var.patch_nums == pretrain.PATCH_NUMS and var.num_classes == shapes.NUM_CLASSES
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    S = shapes.IMAGE_SIZE
+    x = torch.rand(2, 3, S, S) * 2 - 1
     with torch.no_grad():
         idx = var.generate(vae, var.class_emb(torch.tensor([0, 1])), cfg=1.5, top_k=0, top_p=0.0, seed=0)
-        assert vae.idx_to_img(idx).shape == (2, 3, 64, 64)
+        assert vae.idx_to_img(idx).shape == (2, 3, S, S)
         assert shapes.load_shape_classifier(pretrained_folder)(x).shape == (2, shapes.NUM_CLASSES)
     model, tokenizer = load_clip(os.path.join(pretrained_folder, 'clip'))
     assert model.encode_text(tokenizer(['a photo of a star'])).shape[-1] == pretrain.CLIP_CFG['embed_dim']
+
+
+def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A stage killed after its step-2 state was saved, run again, ends with the same weights as a run never stopped."""
+    flags = ['--stage', 'classifier', '--n_train', '64', '--classifier_steps', '4', '--ckpt_every', '2', '--device', 'cpu']
+    pretrain.main(flags + ['--out', str(tmp_path / 'whole')])
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_2(self, step, total, *state):
+        original_save(self, step, total, *state)
+        if step == 2:
+            raise Killed
+    original_save = pretrain.Resumable.maybe_save
+    monkeypatch.setattr(pretrain.Resumable, 'maybe_save', kill_after_step_2)
+    with pytest.raises(Killed):
+        pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
+    monkeypatch.setattr(pretrain.Resumable, 'maybe_save', original_save)
+    assert os.path.isfile(tmp_path / 'stopped' / 'resume' / 'classifier.pt')
+    pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
+    assert not os.path.exists(tmp_path / 'stopped' / 'resume' / 'classifier.pt')  # a finished stage leaves no state
+    whole = torch.load(tmp_path / 'whole' / 'shape_classifier.pth', weights_only=True)
+    resumed = torch.load(tmp_path / 'stopped' / 'shape_classifier.pth', weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_evaluate_rewrites_a_report_from_the_saved_files(pretrained_folder):
+    before = report(pretrained_folder, 'classifier')
+    pretrain.main(['--stage', 'classifier', '--out', pretrained_folder, '--evaluate', '--device', 'cpu'])
+    assert report(pretrained_folder, 'classifier') == before  # same files, same figures, training figures kept
