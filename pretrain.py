@@ -1,16 +1,19 @@
 """
-Pretrain the shapes world's tiny backbone from scratch with the project's own code, on the CPU.
+Pretrain the shapes world's small backbone from scratch with the project's own code, on CUDA or the CPU.
 
 MVP tunes a *pretrained* VAR. The released one needs a GPU and ImageNet; this script makes a small stand-in
 that runs anywhere: a multi-scale VQVAE, a class-conditional VAR and a CLIP, all on shapes.py's world
-(64x64 images, 8x8 latents, scales 1,2,3,4,5,6,8), plus the shape classifier that scores generated images.
+(48x48 images, 12x12 latents, scales 1,2,3,4,6,8,12), plus the shape classifier that scores generated images.
 
-    python pretrain.py --stage vqvae       # then var (needs the VQVAE); clip and classifier are independent
-    python pretrain.py --stage all         # everything, in order
+    python pretrain.py --stage all         # classifier, clip, vqvae, var, in that order
+    python pretrain.py --stage var         # one stage (var needs the VQVAE; the reports need the classifier and CLIP)
+    python pretrain.py --stage all --evaluate   # train nothing: measure the saved files' gates again
 
-Writes OUT/backbone.json, vqvae.pth, var.pth (fp16), clip/ (open_clip's local-dir layout), shape_classifier.pth
-and report_<stage>.json with the quality gates measured on held-out images:
-  VQVAE reconstruction PSNR, VAR samples recognised as their class, CLIP image-to-caption top-1 among 100.
+A stage saves its training state to OUT/resume/STAGE.pt every --ckpt_every steps; run the same command again
+after a stop and it continues from there. Writes OUT/backbone.json, vqvae.pth, var.pth, clip/ (open_clip's
+local-dir layout), shape_classifier.pth (all fp16) and report_<stage>.json with the quality gates, measured on
+held-out images with the saved files: VQVAE PSNR and the shape kind kept in reconstructions; VAR samples
+recognised as their class and their FD_clip against that of reconstructions; CLIP image-to-caption top-1 among 100.
 """
 import argparse
 import json

@@ -4,7 +4,7 @@ A tiny offline world of shapes, standing in for ImageNet (no downloads needed).
 Every image shows ONE filled shape on a flat background and is fully described by
     shape       10 kinds, the class label: CLASS_NAMES[label]
     colour      8 palette colours
-    size        small / medium / large = area of the shape as a fraction of the image
+    size        small / medium / large = 4%, 8%, 16% of the image's area
     position    a cell of a 3x3 grid: "top left", "top", ..., "center", ..., "bottom right"
     background  4 flat colours, never the same colour as the shape
 plus a small seeded jitter of position, size and rotation inside each bin (stored in
