@@ -33,7 +33,8 @@ def get_args(argv=None):
                    f'(or, for --text, {SHIPPED_T2I})')
     p.add_argument('--backbone', default='released', help='without --ckpt: "released" or a backbone folder')
     p.add_argument('--depth', type=int, default=16, help='without --ckpt: the released VAR depth')
-    p.add_argument('--cache_dir', default=None, help='where released weights are cached')
+    p.add_argument('--cache_dir', default=None, help='a plain folder of the released .pth files '
+                   '(default $MVP_CACHE; none: the Hugging Face cache)')
     p.add_argument('--text', action='append', default=None, help='a caption (text-to-image checkpoint); repeat for more')
     p.add_argument('--class_id', default=None, help='comma-separated class indices (class-to-image)')
     p.add_argument('--no_prompt', action='store_true', help='ignore the trained prompts: the plain VAR')

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
 from lora import attach_lora, make_lora
-from pretrained import default_cache_dir, load_backbone
+from pretrained import load_backbone
 from text_condition import TextCondition
 
 # the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them
@@ -48,7 +48,8 @@ def get_args(argv=None):
     g = p.add_argument_group('backbone')
     g.add_argument('--backbone', default='released', help='"released" (the official weights) or a backbone folder')
     g.add_argument('--depth', type=int, default=16, help='released VAR depth: 16, 20, 24, 30 or 36')
-    g.add_argument('--cache_dir', default=None, help=f'where released weights are cached (default {default_cache_dir()})')
+    g.add_argument('--cache_dir', default=None, help='a plain folder of the released .pth files '
+                   '(default $MVP_CACHE; none: the Hugging Face cache)')
     g = p.add_argument_group('prompts')
     g.add_argument('--prompt', default='mvp', choices=('mvp', 'prefilled', 'lora', 'full'),
                    help='what trains: MVP\'s frame prompts; the baselines: the prefilled prompt (Table 4), LoRA on the '
