@@ -293,8 +293,9 @@ def save_prompt(folder: str, config: dict, state: dict):
     os.makedirs(folder, exist_ok=True)
     write_config(config, os.path.join(folder, CONFIG_FILE))
     path = os.path.join(folder, PROMPT_FILE)
-    save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path + '.part')  # clone: safetensors refuses
-    os.replace(path + '.part', path)  # tensors that share memory
+    # clone: safetensors refuses tensors that share memory (a state dict may hold views of one another)
+    save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path + '.part')
+    os.replace(path + '.part', path)
 
 
 def export_prompt(ckpt_path: str, folder: str):
@@ -321,10 +322,11 @@ def read_run(path: str) -> Tuple[dict, dict, str]:
         return ckpt['config'], ckpt['parts'], path
     if os.path.isdir(path):
         config_path, tensors_path = os.path.join(path, CONFIG_FILE), os.path.join(path, PROMPT_FILE)
-        for name in (CONFIG_FILE, PROMPT_FILE):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f'{path} has no {name}: a prompt folder holds {CONFIG_FILE} and {PROMPT_FILE} '
-                                        f'(train.py writes them beside ckpt.pt, train.export_prompt makes them from one)')
+        for file in (config_path, tensors_path):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f'{path} has no {os.path.basename(file)}: a prompt folder holds {CONFIG_FILE} and '
+                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, train.export_prompt makes '
+                                        f'them from one)')
     elif is_repo_id(path):
         advice = (f'if {path} is meant as a local path, it does not exist; else download the repo\'s {CONFIG_FILE} and '
                   f'{PROMPT_FILE} elsewhere into a folder and pass the folder')
