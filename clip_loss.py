@@ -25,7 +25,6 @@ and CLIP-score work uses, and small enough (150M) to sit beside VAR-d16 in a fin
 """
 import math
 import os
-import socket
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -35,33 +34,37 @@ import torch.nn.functional as F
 DEFAULT_CLIP = ('ViT-B-16', 'openai')
 
 
-def hub_url(repo: str, filename: str) -> str:
-    return f'https://huggingface.co/{repo}/resolve/main/{filename}'
-
-
-def check_clip_weights_reachable(model_name: str, pretrained: str, timeout: float = 5.0):
-    """Fail within seconds, naming the URL and the cache path, when the weights are neither cached nor downloadable.
-
-    (open_clip itself retries for about a minute before giving up.)
-    """
+def check_clip_weights_reachable(model_name: str, pretrained: str):
+    """Fail within seconds, with one line naming the repo, the file and the cache, when open_clip would have to
+    download weights from the Hub that cannot be reached (open_clip itself retries for about a minute)."""
     import open_clip
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from pretrained import hub_error, one_line
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
         raise ValueError(f'open_clip knows no pretrained tag {pretrained!r} for {model_name}; '
                          f'see open_clip.list_pretrained(), or pass a checkpoint file or folder')
-    repo = cfg.get('hf_hub', '').strip('/')
-    if not repo:
+    if not cfg.get('hf_hub'):
         return  # weights from a plain URL: open_clip downloads them with a timeout of its own
-    names = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')
-    if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+    repo, filename = os.path.split(cfg['hf_hub'])  # 'org/name/' or 'org/name/file.bin', as open_clip reads it
+    filename = filename or HF_WEIGHTS_NAME
+    safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else \
+        filename[:-4] + '.safetensors' if filename.endswith(('.bin', '.pth')) else None
+    names = (safe, filename) if safe else (filename,)  # what open_clip tries, in its order
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
         return
-    try:
-        socket.create_connection(('huggingface.co', 443), timeout=timeout).close()
-    except OSError:
-        raise ConnectionError(f'CLIP weights {model_name}/{pretrained} are not cached and huggingface.co cannot be '
-                              f'reached: download {hub_url(repo, names[0])} into {constants.HF_HUB_CACHE} '
-                              f'(or pass the file or a folder as the CLIP pretrained path)') from None
+    for name in names:
+        error = hub_error(repo, name)
+        if error is None:
+            return
+        if not isinstance(error, RemoteEntryNotFoundError):  # on "no such file" (the Hub answered) open_clip
+            break  # tries the next name; anything else: the Hub cannot be reached
+    raise ConnectionError(f'CLIP weights {model_name}/{pretrained} ({names[0]} of the Hugging Face repo {repo}) are '
+                          f'not in the Hugging Face cache {constants.HF_HUB_CACHE} and could not be downloaded '
+                          f'({one_line(error)}): fetch them there with `hf download {repo} {names[0]}`, or pass a '
+                          f'checkpoint file or folder as the CLIP pretrained path')
 
 
 def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEFAULT_CLIP[1], device='cpu'):

@@ -56,15 +56,16 @@ What is computed (each as in the reference implementation named):
                 a JSONL file with one string, or one object with a "text" key, per line;
                 text i goes with image i in the sorted order above.
 
-Inception weights are downloaded once (10 s socket timeout) from FID_WEIGHTS_URL into the
-torch hub cache, $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/);
-offline, download the file elsewhere and place it there.
+Inception weights are downloaded once by torch.hub (as pytorch-fid itself does) from FID_WEIGHTS_URL into
+the torch hub cache, $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/); offline, the
+download fails with one line: download the file elsewhere and place it there.
 
 CLIP models: --clip-pretrained is an open_clip tag (downloaded by open_clip), a checkpoint file
 for the built-in architecture --clip-model, or a folder in open_clip's own local-dir layout
 (open_clip_config.json + open_clip_model.safetensors, as pretrain.py writes the shapes world's
 tiny CLIP to checkpoints/shapes/clip/). Loading is clip_loss.load_clip, the project's one CLIP
-loader (offline, a tag that is not cached fails within seconds, naming the URL and cache path).
+loader (offline, a tag that is not in the Hugging Face cache fails within seconds, naming the repo,
+the file and the cache).
 
 Statistics and per-image features of each input are cached next to it, as
 <input>.<feature space>.stats.npz (samples.npz.inception.stats.npz; for a folder DIR:
@@ -85,7 +86,6 @@ import json
 import os
 import re
 import sys
-import urllib.request
 import zipfile
 
 import numpy as np
@@ -98,7 +98,6 @@ from tqdm import tqdm
 # the file pytorch-fid loads; a mirror URL may serve the same file
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
-DOWNLOAD_TIMEOUT = 10.0  # seconds without an answer before the download gives up
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')  # compared lower-cased
 
 
@@ -199,26 +198,17 @@ def clip_score(image_feats, text_feats):
 
 
 def _inception_weights(url):
-    """path of the FID Inception weights in the torch hub cache, downloaded from url if absent."""
+    """path of the FID Inception weights in the torch hub cache, downloaded from url by torch.hub if absent."""
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(FID_WEIGHTS_URL))
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + '.partial'
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(partial, 'wb') as f:
-            size = int(response.headers.get('Content-Length') or 0) or None
-            with tqdm(total=size, unit='B', unit_scale=True, desc='Inception weights') as bar:
-                while block := response.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
-    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
-        if os.path.exists(partial):
-            os.remove(partial)
+    try:  # torch.hub writes a temporary file and renames it: a broken download leaves nothing at path
+        torch.hub.download_url_to_file(url, path)
+    except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
         reason = getattr(e, 'reason', e)
         raise FIDError(f'could not download the FID Inception weights from {url} ({_one_line(reason)}); '
                        f'download that file and place it at {path}') from None
-    os.replace(partial, path)
     return path
 
 

@@ -4,31 +4,78 @@ The officially released VAR weights: their architectures, where to get them, and
     vae, var = load_released(depth=16)   # finds or downloads vae_ch160v4096z32.pth and var_d16.pth
     vae, var = load_backbone('checkpoints/shapes')   # a small backbone folder (backbone.json + weights)
 
-Files are looked up in the cache directory (--cache_dir, else $MVP_CACHE, else ~/.cache/mvp) and downloaded
-from the release page when missing. Offline, the download fails at once with one line naming the URL and the
-path where the file can be put by hand. Everything loads with strict=True.
+The files come from the Hugging Face repo FoundationVision/var through huggingface_hub: a file already in the
+Hugging Face cache (HF_HOME, as `hf download FoundationVision/var` leaves it) is used as it is, a missing one is
+downloaded there (HF_ENDPOINT, HF_HUB_OFFLINE and the token apply as everywhere else). A cache directory
+(--cache_dir, else $MVP_CACHE) is a plain folder of the .pth files instead, as the official demo's wget leaves
+them; missing files are downloaded into it. Offline, a missing file fails within seconds with one line naming
+the repo, the file and where to put it. Everything loads with strict=True.
 """
-import http.client
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
 from var import VAR
 from vqvae import VAR_PATCH_NUMS, VQVAE
 
-RELEASE_URL = 'https://huggingface.co/FoundationVision/var/resolve/main/'
+RELEASE_REPO = 'FoundationVision/var'
 VAE_FILE = 'vae_ch160v4096z32.pth'
 DEPTHS = (16, 20, 24, 30, 36)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # d36 generates 512x512
+HUB_TIMEOUT = 5.0  # seconds one request to the Hub may take before it counts as unreachable
 
 
-def default_cache_dir() -> str:
-    return os.environ.get('MVP_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'mvp')
+def default_cache_dir() -> Optional[str]:
+    """$MVP_CACHE, a plain folder of the released files; None: the Hugging Face cache."""
+    return os.environ.get('MVP_CACHE') or None
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def hub_error(repo: str, filename: str) -> Optional[Exception]:
+    """None when the Hub serves repo's filename, else why not, within HUB_TIMEOUT seconds: one request without
+    retries (hf_hub_download retries an unreachable Hub for about 25 s before it gives up)."""
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename), timeout=HUB_TIMEOUT)
+    except Exception as e:  # no network, HF_HUB_OFFLINE, a proxy, a mirror (HF_ENDPOINT) or repo without the file
+        return e
+    return None
+
+
+def hub_file(repo: str, filename: str, folder: Optional[str], advice: str) -> str:
+    """Local path of repo's filename: in `folder` (a plain folder) if given, else in the Hugging Face cache;
+    downloaded there by huggingface_hub when missing. When that fails: one line naming the repo, the file, and
+    `advice` (where to put the file by hand)."""
+    if folder:
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            return path
+    else:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return cached
+    error = hub_error(repo, filename)
+    if error is None:
+        try:
+            return hf_hub_download(repo, filename, local_dir=folder)
+        except Exception as e:  # the connection broke off, the disk is full
+            error = e
+    raise ConnectionError(f'{filename} of the Hugging Face repo {repo} is not in {folder or "the Hugging Face cache"} '
+                          f'and could not be downloaded ({one_line(error)}): {advice}')
+
+
+def released_file(filename: str, cache_dir: Optional[str] = None) -> str:
+    """Path of a released file: in cache_dir (a plain folder) if given, else in the Hugging Face cache."""
+    url = hf_hub_url(RELEASE_REPO, filename)
+    where = f'at {os.path.join(cache_dir, filename)}' if cache_dir else 'in a folder passed as --cache_dir (or $MVP_CACHE)'
+    return hub_file(RELEASE_REPO, filename, cache_dir, f'download {url} elsewhere and put it {where}')
 
 
 def released_vqvae(patch_nums=VAR_PATCH_NUMS) -> VQVAE:
@@ -42,29 +89,6 @@ def released_var(depth: int) -> VAR:
     patch_nums = PATCH_NUMS_512 if depth == 36 else VAR_PATCH_NUMS
     return VAR(vocab_size=4096, z_channels=32, depth=depth, num_classes=1000, patch_nums=patch_nums,
                shared_aln=depth == 36, attn_l2_norm=True)
-
-
-def download(filename: str, cache_dir: str, timeout: float = 10.0) -> str:
-    """Path of filename in cache_dir, downloading it from the release page first if it is not there."""
-    path = os.path.join(cache_dir, filename)
-    if os.path.isfile(path):
-        return path
-    url = RELEASE_URL + filename
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.part'  # per process: DDP ranks may download at the same time
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as out:
-            while chunk := response.read(1 << 22):
-                out.write(chunk)
-            if response.length:  # the server hung up early: read() returns b'' instead of raising
-                raise http.client.IncompleteRead(b'', response.length)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = getattr(e, 'reason', e)
-        raise ConnectionError(f'could not download {url} ({reason}); download it elsewhere and put it at {path}') from None
-    os.replace(tmp, path)  # atomic: a broken download never leaves a half-written file at `path`
-    return path
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -102,7 +126,7 @@ def load_released(depth: int = 16, cache_dir: Optional[str] = None, device='cpu'
     var = released_var(depth)  # raises for a depth that was never released, before any download
     vae = released_vqvae(var.patch_nums)
     for model, filename in ((vae, VAE_FILE), (var, f'var_d{depth}.pth')):
-        path = download(filename, cache_dir)
+        path = released_file(filename, cache_dir)
         load_into(model, read_state_dict(path), path, f'{type(model).__name__} {filename}')
     return vae.to(device).eval(), var.to(device).eval()
 

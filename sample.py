@@ -5,12 +5,17 @@ Sample from a VAR tuned with MVP, or from the plain VAR.
     python sample.py --ckpt runs/t2i/ckpt.pt --text "a red fox sitting in fresh snow"
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207,360,387      # class-to-image with the MVP prompts
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207 --no_prompt  # the same backbone without them
+    python sample.py --ckpt runs/mvp --class_id 207                      # the run's prompt folder: the same images
+    python sample.py --ckpt user/mvp-d16 --class_id 207                  # a prompt folder shared on the Hugging Face Hub
     python sample.py --depth 16 --class_id 207,360                       # the released VAR, no checkpoint at all
     python sample.py --ckpt runs/mvp/ckpt.pt --eval_npz samples.npz --per_class 50   # ImageNet protocol, 50 per class
 
 A checkpoint holds only what was trained (the prompts, or the LoRA pairs or the VAR of the Table 3 baselines, and
-the text projection) and the run's config; the backbone is rebuilt from that config. --eval_npz writes uint8 images
-(N, H, W, 3) under `arr_0`, the format of the OpenAI evaluation suite (guided-diffusion's evaluator) and of fid.py.
+the text projection) and the run's config; the backbone is rebuilt from that config. --ckpt takes train.py's
+ckpt.pt, a prompt folder (prompt.safetensors + config.json, which train.py writes beside ckpt.pt), or the id of a
+Hugging Face repo holding those two files (looked up in, or downloaded to, the Hugging Face cache); none of them
+is unpickled beyond tensors. --eval_npz writes uint8 images (N, H, W, 3) under `arr_0`, the format of the OpenAI
+evaluation suite (guided-diffusion's evaluator) and of fid.py.
 """
 import argparse
 import os
@@ -29,11 +34,12 @@ SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i.pt'  # what --text uses without --ckpt
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='Sample images from VAR with MVP prompts.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt', default=None, help=f'an MVP training checkpoint; without one, the plain backbone '
-                   f'(or, for --text, {SHIPPED_T2I})')
+    p.add_argument('--ckpt', default=None, help=f'an MVP run: a ckpt.pt, a prompt folder or a Hugging Face repo id; '
+                   f'without one, the plain backbone (or, for --text, {SHIPPED_T2I})')
     p.add_argument('--backbone', default='released', help='without --ckpt: "released" or a backbone folder')
     p.add_argument('--depth', type=int, default=16, help='without --ckpt: the released VAR depth')
-    p.add_argument('--cache_dir', default=None, help='where released weights are cached')
+    p.add_argument('--cache_dir', default=None, help='a plain folder of the released .pth files '
+                   '(default $MVP_CACHE; none: the Hugging Face cache)')
     p.add_argument('--text', action='append', default=None, help='a caption (text-to-image checkpoint); repeat for more')
     p.add_argument('--class_id', default=None, help='comma-separated class indices (class-to-image)')
     p.add_argument('--no_prompt', action='store_true', help='ignore the trained prompts: the plain VAR')
@@ -58,8 +64,7 @@ def load_models(args, device):
             raise ValueError('--text needs a text-to-image checkpoint (--ckpt from train.py --t2i)')
         args.ckpt = SHIPPED_T2I
     if args.ckpt:
-        cfg, vae, var, clip, parts = load_run(args.ckpt, device)
-        return cfg, vae, var, clip, parts
+        return load_run(args.ckpt, device, cache_dir=args.cache_dir)
     vae, var = load_backbone(args.backbone, args.depth, args.cache_dir, device)
     return {'t2i': False}, vae, var, None, None  # no trained parts: the plain VAR
 

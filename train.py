@@ -14,32 +14,43 @@ things in the same loop, --prompt: a prefilled prompt, LoRA on the attention, or
     python train.py --backbone checkpoints/shapes --data shapes --t2i --prompt lora # Table 3's baselines: LoRA,
     python train.py --backbone checkpoints/shapes --data shapes --t2i --prompt full #   full fine-tuning of the VAR
     torchrun --nproc_per_node 8 train.py --depth 16 --tau 20 --data ...             # several GPUs (DDP)
+
+Every checkpoint writes OUT_DIR/ckpt.pt, to resume from (the trained tensors, optimizer, RNG states, step), and
+beside it the run's prompt folder: prompt.safetensors (the trained tensors alone) and config.json (what they are),
+which sample.py and evaluate.py load without pickle, from the folder or from a Hugging Face repo.
 """
 import argparse
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
 from lora import attach_lora, make_lora
-from pretrained import default_cache_dir, load_backbone
+from pretrained import hub_file, load_backbone
 from text_condition import TextCondition
 
 # the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them
 ARCHITECTURE_KEYS = ('backbone', 'depth', 'prompt', 'tau', 'placement', 'placement_seed', 'first_scale', 't2i')
+# a prompt folder: the trained tensors alone, and what they are (the run's flags less the training machine's paths)
+PROMPT_FILE, CONFIG_FILE = 'prompt.safetensors', 'config.json'
+LOCAL_KEYS = ('cache_dir', 'out_dir', 'resume')
 
 
 def get_args(argv=None):
@@ -48,7 +59,8 @@ def get_args(argv=None):
     g = p.add_argument_group('backbone')
     g.add_argument('--backbone', default='released', help='"released" (the official weights) or a backbone folder')
     g.add_argument('--depth', type=int, default=16, help='released VAR depth: 16, 20, 24, 30 or 36')
-    g.add_argument('--cache_dir', default=None, help=f'where released weights are cached (default {default_cache_dir()})')
+    g.add_argument('--cache_dir', default=None, help='a plain folder of the released .pth files '
+                   '(default $MVP_CACHE; none: the Hugging Face cache)')
     g = p.add_argument_group('prompts')
     g.add_argument('--prompt', default='mvp', choices=('mvp', 'prefilled', 'lora', 'full'),
                    help='what trains: MVP\'s frame prompts; the baselines: the prefilled prompt (Table 4), LoRA on the '
@@ -255,13 +267,118 @@ def atomic_save(obj, path: str):
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:  # tensors and plain Python values only: unpickling anything else can run code from the file
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if unsafe:
+            raise ValueError(f'{path} holds a pickled {unsafe.group(1)}, which is not a tensor: refused, as loading '
+                             f'it could run code') from None
         raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__})') from None
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'parts' not in ckpt:
         raise ValueError(f'{path} is not an MVP training checkpoint')
     return ckpt
+
+
+def write_config(config: dict, path: str):
+    """A run's config.json, atomically, without the training machine's paths (it is shared with the prompt)."""
+    with open(path + '.part', 'w') as f:
+        json.dump({k: v for k, v in config.items() if k not in LOCAL_KEYS}, f, indent=1)
+    os.replace(path + '.part', path)
+
+
+def save_prompt(folder: str, config: dict, state: dict):
+    """What a run trained as FOLDER/prompt.safetensors (tensors only: anyone can load it without pickle) and what
+    the tensors are as FOLDER/config.json, each written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    write_config(config, os.path.join(folder, CONFIG_FILE))
+    path = os.path.join(folder, PROMPT_FILE)
+    # clone: safetensors refuses tensors that share memory (a state dict may hold views of one another)
+    save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path + '.part')
+    os.replace(path + '.part', path)
+
+
+def export_prompt(ckpt_path: str, folder: str):
+    """A training checkpoint's prompt folder, e.g. for a checkpoint written before runs exported their own:
+        python -c "import train; train.export_prompt('runs/mvp/ckpt.pt', 'runs/mvp_prompt')"
+    """
+    ckpt = load_checkpoint(ckpt_path)
+    save_prompt(folder, ckpt['config'], ckpt['parts'])
+
+
+def is_repo_id(name: str) -> bool:  # 'user/repo': a Hugging Face repo, when no such local path exists
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return name.count('/') == 1 and not name.endswith(('.pt', '.pth'))
+
+
+def read_run(path: str) -> Tuple[dict, dict, str]:
+    """(config, trained tensors, the file holding them) of a training checkpoint, a prompt folder, or a Hugging Face
+    repo id holding a prompt folder's two files (looked up in, or downloaded to, the Hugging Face cache)."""
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        return ckpt['config'], ckpt['parts'], path
+    if os.path.isdir(path):
+        config_path, tensors_path = os.path.join(path, CONFIG_FILE), os.path.join(path, PROMPT_FILE)
+        for file in (config_path, tensors_path):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f'{path} has no {os.path.basename(file)}: a prompt folder holds {CONFIG_FILE} and '
+                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, train.export_prompt makes '
+                                        f'them from one)')
+    elif is_repo_id(path):
+        advice = (f'if {path} is meant as a local path, it does not exist; else download the repo\'s {CONFIG_FILE} and '
+                  f'{PROMPT_FILE} elsewhere into a folder and pass the folder')
+        config_path, tensors_path = (hub_file(path, name, None, advice) for name in (CONFIG_FILE, PROMPT_FILE))
+    else:
+        raise FileNotFoundError(f'no checkpoint, prompt folder or Hugging Face repo at {path}')
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{config_path} is not a readable JSON file ({type(e).__name__})') from None
+    missing = [k for k in ARCHITECTURE_KEYS + ('clip_model', 'clip_pretrained') if k not in cfg]
+    if missing:
+        raise ValueError(f'{config_path} does not say {", ".join(missing)}: not the config of an MVP prompt')
+    try:
+        state = load_file(tensors_path)
+    except Exception as e:
+        raise ValueError(f'{tensors_path} is not a readable safetensors file ({type(e).__name__})') from None
+    return cfg, state, tensors_path
+
+
+def load_trained(parts: TunedParts, state: dict, source: str, cfg: dict):
+    """parts.load_state_dict(strict=True); tensors trained for another backbone or other settings are one line
+    naming the file and the setting."""
+    kinds = ('a class-to-image run', 'a text-to-image run (--t2i)')
+    text = any(k.startswith('text_cond.') for k in state)
+    if text != bool(cfg['t2i']):
+        raise ValueError(f'{source} holds the tensors of {kinds[text]}, not of {kinds[bool(cfg["t2i"])]}')
+    expected = parts.state_dict()
+    backbone = f'--backbone {cfg["backbone"]} --depth {cfg["depth"]}'
+    if set(state) != set(expected):
+        other = sorted(set(state) ^ set(expected))
+        raise ValueError(f'{source} does not fit --prompt {cfg["prompt"]} on {backbone} ({len(other)} tensors differ, '
+                         f'e.g. {other[0]}): it was trained with another --prompt or backbone')
+    for k, v in expected.items():
+        file_shape = tuple(state[k].shape)
+        if file_shape == tuple(v.shape):
+            continue
+        if k.startswith('prompt.') and len(file_shape) != v.dim():  # MVP's (N, C) tokens, the prefilled (1, P, C)
+            setting = f'--prompt than --prompt {cfg["prompt"]}'
+        elif k.startswith('prompt.') and file_shape[-1] == v.shape[-1]:  # the number of prompt tokens
+            setting = f'--tau, --placement or --first_scale than --tau {cfg["tau"]} --placement {cfg["placement"]} ' \
+                      f'--first_scale {cfg["first_scale"]}'
+        elif k.startswith('lora.'):
+            setting = f'--lora_rank or backbone than --lora_rank {cfg.get("lora_rank")} {backbone}'
+        elif k.startswith('text_cond.'):
+            setting = f'backbone or CLIP than {backbone} --clip_model {cfg["clip_model"]}'
+        else:
+            setting = f'backbone (of another width) than {backbone}'
+        raise ValueError(f'{source} does not fit the model of its settings: {k} is {file_shape} in the file, '
+                         f'{tuple(v.shape)} in the model; it was trained with another {setting}')
+    parts.load_state_dict(state, strict=True)
 
 
 def check_same_architecture(saved: dict, wanted: dict, path: str):
@@ -273,12 +390,13 @@ def check_same_architecture(saved: dict, wanted: dict, path: str):
                              f'start a new --out_dir or use the same settings')
 
 
-def load_run(path: str, device='cpu', need_clip: bool = False):
-    """Rebuild a trained run from its checkpoint: (config, vae, var, clip or None, trained parts)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt['config']
-    vae, var, clip, parts = build_run(cfg, device, need_clip)
-    parts.load_state_dict(ckpt['parts'], strict=True)
+def load_run(path: str, device='cpu', need_clip: bool = False, cache_dir: Optional[str] = None):
+    """Rebuild a trained run from a training checkpoint, a prompt folder or a Hugging Face repo id:
+    (config, vae, var, clip or None, trained parts). cache_dir: where the released weights are (default: the
+    run's own --cache_dir, else $MVP_CACHE or the Hugging Face cache)."""
+    cfg, state, source = read_run(path)
+    vae, var, clip, parts = build_run({**cfg, 'cache_dir': cache_dir or cfg.get('cache_dir')}, device, need_clip)
+    load_trained(parts, state, source, cfg)
     return cfg, vae, var, clip, parts.eval()
 
 
@@ -359,7 +477,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
-        parts.load_state_dict(ckpt['parts'], strict=True)
+        load_trained(parts, ckpt['parts'], resume_path, vars(args))
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         step = ckpt['step']
@@ -375,8 +493,7 @@ def main(argv=None):
     n_var = sum(p.numel() for p in var.parameters())  # the backbone's own (LoRA pairs are not the VAR's parameters)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
-            json.dump(vars(args), f, indent=1)
+        write_config(vars(args), os.path.join(args.out_dir, CONFIG_FILE))
         print(json.dumps(vars(args), indent=1))
         tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
             parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
@@ -401,6 +518,7 @@ def main(argv=None):
         if master:
             atomic_save({'config': vars(args), 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
+            save_prompt(os.path.dirname(path), vars(args), parts.state_dict())  # what to share: no optimizer, no pickle
 
     steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, world))
     if steps_per_epoch == 0:

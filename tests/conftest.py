@@ -1,4 +1,6 @@
-"""Tiny models shared by the tests: small enough to run a training step on the CPU in well under a second."""
+"""Tiny models shared by the tests: small enough to run a training step on the CPU in well under a second; and a
+Hugging Face cache with nothing but the files a test puts there, the network unreachable."""
+import hashlib
 import os
 import sys
 
@@ -74,3 +76,36 @@ def write_tiny_backbone(folder: str, num_classes: int = 10) -> str:
 @pytest.fixture(scope='session')
 def tiny_backbone(tmp_path_factory):
     return write_tiny_backbone(str(tmp_path_factory.mktemp('backbone')))
+
+
+CLOSED_PORT = 'http://127.0.0.1:9'  # the discard port: nothing listens, a connection is refused at once
+
+
+def offline_hub_env(hf_home: str, **extra) -> dict:
+    """The environment of a process whose Hugging Face cache is hf_home and whose Hub (HF_ENDPOINT) refuses every
+    connection: no proxy, no $MVP_CACHE, no offline flag unless `extra` sets one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_')) and k != 'MVP_CACHE'
+           and k.lower() not in ('http_proxy', 'https_proxy', 'all_proxy')}
+    return dict(env, HF_HOME=str(hf_home), HF_ENDPOINT=CLOSED_PORT, no_proxy='*', OMP_NUM_THREADS='1',
+                MKL_NUM_THREADS='1', **extra)
+
+
+def write_hf_cache(hf_home, repo: str, files: dict) -> dict:
+    """Lay files ({name: bytes}) out as huggingface_hub caches a download of `repo` at its main branch:
+    HF_HOME/hub/models--org--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<name> -> ../../blobs/<sha256>}.
+    Returns {name: the snapshot path a lookup must find}."""
+    root = os.path.join(str(hf_home), 'hub', 'models--' + repo.replace('/', '--'))
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    os.makedirs(os.path.join(root, 'blobs'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'refs'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'snapshots', commit), exist_ok=True)
+    with open(os.path.join(root, 'refs', 'main'), 'w') as f:
+        f.write(commit)
+    paths = {}
+    for name, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(root, 'blobs', blob), 'wb') as f:
+            f.write(data)
+        paths[name] = os.path.join(root, 'snapshots', commit, name)
+        os.symlink(os.path.join('..', '..', 'blobs', blob), paths[name])
+    return paths

@@ -1,7 +1,8 @@
 """
 The backbone on its own: released-weight layouts and loader (pretrained.py), the multi-scale VQVAE (vqvae.py)
-and the VAR transformer (var.py), on tiny random models, fp32 on the CPU. Fast (seconds) and offline:
-the only network access is a connection attempt to a closed port on 127.0.0.1.
+and the VAR transformer (var.py), on tiny random models, fp32 on the CPU. Fast (seconds) and offline: the only
+network access is a connection attempt to a closed port on 127.0.0.1, the Hub of the processes that look up the
+released files in a Hugging Face cache of the test's making.
 
     python -m pytest -q tests/test_backbone.py
 
@@ -9,14 +10,12 @@ Numerical identity with the official code is test_official_parity.py's job, not 
 The state-dict layout tests read the reference layouts from $MVP_REFERENCE_STATE_DICTS
 (default ../shared/reference/state_dicts beside the repository) and are skipped when they are not there.
 """
-import http.client
-import http.server
+import io
 import json
 import os
 import re
+import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrained  # noqa: E402
+from conftest import offline_hub_env, write_hf_cache  # noqa: E402
 from var import VAR  # noqa: E402
 from vqvae import VQVAE  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_released_var_hyperparameters(depth):
 
 
 # -----------------------------------------------------------------------------
-# pretrained.py: download and loading errors
+# pretrained.py: finding the released files, and loading errors
 
 
 def test_unreleased_depth_raises(tmp_path):
@@ -150,103 +150,72 @@ def test_unreleased_depth_raises(tmp_path):
     assert not (tmp_path / 'cache').exists()
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """Release URL -> a closed port on localhost; no proxy, so nothing can leave this machine."""
-    for var in ('http_proxy', 'https_proxy', 'all_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY'):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv('no_proxy', '*')
-    monkeypatch.setattr(pretrained, 'RELEASE_URL', 'http://127.0.0.1:9/')
-    return 'http://127.0.0.1:9/'
+HUB_SCRIPT = '''
+import json, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import pretrained
+result = {{}}
+start = time.perf_counter()
+try:
+    result['path'] = pretrained.released_file('var_d16.pth', {cache_dir!r})
+except ConnectionError as e:
+    result['error'] = str(e)
+result['seconds'] = time.perf_counter() - start
+try:
+    with torch.device('meta'):  # the released architectures cost nothing
+        pretrained.load_released(16, {cache_dir!r})
+except (ConnectionError, ValueError) as e:
+    result['load_error'] = str(e)
+print(json.dumps(result))
+'''
 
 
-def test_offline_download_fails_fast_and_clean(offline, tmp_path):
-    cache = tmp_path / 'cache'
-    t0 = time.perf_counter()
-    with pytest.raises(ConnectionError) as info:
-        pretrained.download('var_d16.pth', str(cache))
-    assert time.perf_counter() - t0 < 5.0
-    msg = str(info.value)
-    assert '\n' not in msg, msg
-    assert offline + 'var_d16.pth' in msg and str(cache / 'var_d16.pth') in msg, msg
-    assert list(cache.iterdir()) == [], 'a failed download left files behind'
+def run_hub_script(env, cache_dir=None):
+    """released_file and load_released in a fresh process: huggingface_hub reads HF_HOME & co. when it is imported."""
+    script = HUB_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), cache_dir=cache_dir)
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_offline_load_released_names_the_missing_file(offline, tmp_path):
-    with torch.device('meta'), pytest.raises(ConnectionError) as info:
-        pretrained.load_released(16, cache_dir=str(tmp_path))
-    assert offline + pretrained.VAE_FILE in str(info.value) and str(tmp_path / pretrained.VAE_FILE) in str(info.value)
-    assert list(tmp_path.iterdir()) == []
+def test_released_files_found_in_the_hf_cache_without_network(tmp_path):
+    """`hf download FoundationVision/var` leaves the files in the Hugging Face cache: found there, the Hub unreachable."""
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(make_vqvae().state_dict(), buffer)  # a VQVAE, but not the released one: found, then refused by shape
+    paths = write_hf_cache(tmp_path / 'hf', pretrained.RELEASE_REPO,
+                           {'var_d16.pth': b'any bytes', pretrained.VAE_FILE: buffer.getvalue()})
+    result = run_hub_script(offline_hub_env(tmp_path / 'hf'))
+    assert result.get('path') == paths['var_d16.pth'], result
+    assert result['seconds'] < 2.0, result  # no request at all
+    assert result['load_error'].startswith(f'{paths[pretrained.VAE_FILE]} does not fit VQVAE'), result
 
 
-@pytest.fixture
-def local_server(offline, monkeypatch):
-    """A one-file HTTP server on 127.0.0.1 (a thread in this process); RELEASE_URL points at it.
-
-    serve(payload, mode): 'full' sends it all; 'truncated' announces len(payload) bytes and hangs up halfway;
-    'chunked_truncated' sends half of it in chunked encoding and hangs up before the last chunk.
-    """
-    servers = []
-
-    def serve(payload: bytes, mode: str = 'full'):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                if mode == 'chunked_truncated':
-                    self.send_header('Transfer-Encoding', 'chunked')
-                    self.end_headers()
-                    half = payload[:len(payload) // 2]
-                    self.wfile.write(b'%x\r\n%s\r\n' % (len(half), half))
-                else:
-                    self.send_header('Content-Length', str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload if mode == 'full' else payload[:len(payload) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
-        server.timeout = 5
-        thread = threading.Thread(target=server.handle_request, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        url = f'http://127.0.0.1:{server.server_address[1]}/'
-        monkeypatch.setattr(pretrained, 'RELEASE_URL', url)
-        return url
-
-    yield serve
-    for server, thread in servers:
-        thread.join(timeout=5)
-        server.server_close()
+@pytest.mark.parametrize('how', ['closed port', 'HF_HUB_OFFLINE', 'closed port, --cache_dir'])
+def test_offline_nothing_cached_fails_fast_with_one_line(tmp_path, how):
+    env = offline_hub_env(tmp_path / 'hf', **({'HF_HUB_OFFLINE': '1'} if how == 'HF_HUB_OFFLINE' else {}))
+    cache_dir = str(tmp_path / 'plain') if 'cache_dir' in how else None
+    result = run_hub_script(env, cache_dir)
+    assert 'path' not in result and result['seconds'] < 10.0, result
+    msg = result['error']
+    assert '\n' not in msg and 'FoundationVision/var' in msg and 'var_d16.pth' in msg, msg
+    where = os.path.join(cache_dir, 'var_d16.pth') if cache_dir else '--cache_dir'  # where to put the file by hand
+    assert where in msg, msg
+    assert pretrained.VAE_FILE in result['load_error'], result  # load_released names the first file it misses
+    blobs = tmp_path / 'hf' / 'hub' / 'models--FoundationVision--var' / 'blobs'
+    assert not (tmp_path / 'plain').exists() and not (blobs.exists() and os.listdir(blobs)), 'a failed download left files'
 
 
-def test_download_from_local_server(local_server, tmp_path):
-    payload = bytes(range(256)) * 64
-    url = local_server(payload)
-    path = pretrained.download('var_d16.pth', str(tmp_path / 'cache'), timeout=5)
-    assert path == str(tmp_path / 'cache' / 'var_d16.pth')
-    assert (tmp_path / 'cache' / 'var_d16.pth').read_bytes() == payload
-    assert sorted(os.listdir(tmp_path / 'cache')) == ['var_d16.pth'], 'no .part left behind'
-    assert url.startswith('http://127.0.0.1:')
-
-
-@pytest.mark.parametrize('mode', ['truncated', 'chunked_truncated'])
-def test_download_interrupted_mid_transfer(local_server, tmp_path, mode):
-    local_server(bytes(range(256)) * 64, mode)
-    cache = tmp_path / 'cache'
-    try:
-        with pytest.raises(ConnectionError, match='var_d16.pth'):
-            pretrained.download('var_d16.pth', str(cache), timeout=5)
-    finally:
-        left = sorted(os.listdir(cache)) if cache.exists() else []
-    assert left == [], f'an interrupted download left {left} behind'
-
-
-def test_download_uses_cached_file(offline, tmp_path):
+def test_cache_dir_is_a_plain_folder(tmp_path, monkeypatch):
+    """--cache_dir or $MVP_CACHE: a folder of the .pth files (as the official demo's wget leaves them), no Hub needed."""
     (tmp_path / 'var_d16.pth').write_bytes(b'anything')
-    assert pretrained.download('var_d16.pth', str(tmp_path)) == str(tmp_path / 'var_d16.pth')
+    assert pretrained.released_file('var_d16.pth', str(tmp_path)) == str(tmp_path / 'var_d16.pth')
+    monkeypatch.setenv('MVP_CACHE', str(tmp_path))
+    assert pretrained.default_cache_dir() == str(tmp_path)
+    (tmp_path / pretrained.VAE_FILE).write_bytes(b'not a checkpoint')
+    with torch.device('meta'), pytest.raises(ValueError, match=re.escape(str(tmp_path / pretrained.VAE_FILE))):
+        pretrained.load_released(16)  # found in $MVP_CACHE, then refused
 
 
 def truncated_torch_file(path):
@@ -256,7 +225,7 @@ def truncated_torch_file(path):
 
 
 @pytest.mark.parametrize('kind', ['random_bytes', 'truncated'])
-def test_corrupt_cached_file(offline, tmp_path, kind):
+def test_corrupt_cached_file(tmp_path, kind):
     path = tmp_path / pretrained.VAE_FILE
     if kind == 'random_bytes':
         noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

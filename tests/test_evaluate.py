@@ -27,7 +27,7 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     assert set(results['after']) == {'FD_clip', 'attribute_accuracy', 'clip_score'}
     for row in results.values():
         assert 0.0 <= row['attribute_accuracy'] <= 1.0 and 0.0 <= row['clip_score'] <= 100.0
-    ckpt = torch.load(f'{out}/ckpt.pt', weights_only=False)
+    ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
     assert ckpt['parts']['prompt.tokens'].abs().sum() > 0  # trained: "after" is a different model from "before"
     table = evaluate.format_results(results)
     assert table.splitlines()[0] == '| | FD_clip | attribute_accuracy | clip_score |'

@@ -31,7 +31,7 @@ def run(backbone, out_dir, *extra):
 
 
 def parts_of(ckpt_path):
-    return torch.load(ckpt_path, map_location='cpu', weights_only=False)['parts']
+    return torch.load(ckpt_path, map_location='cpu', weights_only=True)['parts']
 
 
 def lora_keys():
@@ -84,7 +84,7 @@ def test_zero_lora_is_the_plain_model(tiny_backbone):
 
 @pytest.mark.parametrize('mode', ['c2i', 't2i'])
 def test_lora_checkpoint_holds_only_the_pairs(runs, tiny_backbone, mode):
-    ckpt = torch.load(runs[('lora', mode)], map_location='cpu', weights_only=False)
+    ckpt = torch.load(runs[('lora', mode)], map_location='cpu', weights_only=True)
     parts = ckpt['parts']
     assert set(parts) == lora_keys() | (TEXT_KEYS if mode == 't2i' else set())
     for i in range(DEPTH):
@@ -135,7 +135,7 @@ def test_resume(tiny_backbone, tmp_path, method):
     a = run(tiny_backbone, tmp_path / 'a', *common, '--max_steps', 4)
     run(tiny_backbone, tmp_path / 'b', *common, '--max_steps', 2)
     b = run(tiny_backbone, tmp_path / 'b', *common, '--max_steps', 4, '--resume', 'auto')
-    ckpt_a, ckpt_b = (torch.load(p, map_location='cpu', weights_only=False) for p in (a, b))
+    ckpt_a, ckpt_b = (torch.load(p, map_location='cpu', weights_only=True) for p in (a, b))
     assert ckpt_a['step'] == ckpt_b['step'] == 4
     assert set(ckpt_a['parts']) == set(ckpt_b['parts'])
     for k, v in ckpt_a['parts'].items():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,7 +22,10 @@ sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 import train  # noqa: E402
 from clip_loss import load_clip  # noqa: E402
-from pretrained import load_backbone  # noqa: E402
+from conftest import offline_hub_env, write_hf_cache  # noqa: E402
+from pretrained import load_backbone, save_backbone  # noqa: E402
+from var import VAR  # noqa: E402
+from vqvae import VQVAE  # noqa: E402
 
 IMAGE = 32  # the tiny backbone's image size: patch_nums (1, 2, 3, 4) x downsample 8
 PAD = 2  # save_grid's padding between and around the images
@@ -49,7 +53,7 @@ def read_log(out_dir):
 
 
 def load_ckpt(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def file_hashes(folder):
@@ -123,14 +127,15 @@ def strong_prompt_run(tiny_backbone, tmp_path_factory):
 
 def test_c2i_outputs(c2i_run):
     out_dir = c2i_run['out_dir']
-    for name in ('ckpt.pt', 'config.json', 'log.jsonl', 'losses.png', 'samples/step_000002.png',
+    for name in ('ckpt.pt', 'prompt.safetensors', 'config.json', 'log.jsonl', 'losses.png', 'samples/step_000002.png',
                  'samples/step_000004.png'):
         assert os.path.isfile(os.path.join(out_dir, name)), name
-    assert not os.path.exists(os.path.join(out_dir, 'ckpt.pt.part'))
+    assert not [name for name in os.listdir(out_dir) if name.endswith('.part')]
 
     with open(os.path.join(out_dir, 'config.json')) as f:
         config = json.load(f)
-    assert config == vars(train.get_args(c2i_run['argv']))  # the resolved config ...
+    resolved = vars(train.get_args(c2i_run['argv']))  # the resolved config, less the training machine's paths ...
+    assert config == {k: v for k, v in resolved.items() if k not in ('cache_dir', 'out_dir', 'resume')}
     assert config['first_scale'] == 'off'  # ... with 'auto' resolved (class-to-image: the first scale is off)
 
     rows = read_log(out_dir)
@@ -151,8 +156,7 @@ def test_c2i_checkpoint_holds_only_the_trained_parts(c2i_run, tiny_backbone):
     ckpt = load_ckpt(path)
     assert set(ckpt) == {'config', 'step', 'parts', 'optimizer', 'scaler', 'rng'}
     assert ckpt['step'] == 4
-    with open(os.path.join(c2i_run['out_dir'], 'config.json')) as f:
-        assert ckpt['config'] == json.load(f)
+    assert ckpt['config'] == vars(train.get_args(c2i_run['argv']))
     assert list(ckpt['parts']) == ['prompt.tokens']
     frozen_prefixes = ('blocks.', 'class_emb', 'word_embed', 'head', 'pos_', 'encoder', 'decoder', 'quantize', 'visual',
                        'transformer', 'var.', 'vae.', 'clip.')
@@ -330,7 +334,7 @@ def test_ddp_two_cpu_processes(tiny_backbone, tmp_path):
     assert 'Traceback' not in result.stderr
     assert 'world size 2' in result.stdout
 
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
     ckpt = load_ckpt(tmp_path / 'ddp' / 'ckpt.pt')
     tokens = ckpt['parts']['prompt.tokens']
     assert tokens.abs().max() > 0
@@ -479,10 +483,12 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(nan_run):
     assert result.returncode == 1, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
     assert 'nan' in result.stderr and str(out_dir) in result.stderr  # says why, and where the good checkpoint is
-    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt.pt.saved_at_step2', 'config.json', 'log.jsonl']
+    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt.pt.saved_at_step2', 'config.json', 'log.jsonl',
+                                           'prompt.safetensors']
     assert (out_dir / 'ckpt.pt').read_bytes() == (out_dir / 'ckpt.pt.saved_at_step2').read_bytes()
     ckpt = load_ckpt(out_dir / 'ckpt.pt')
     assert ckpt['step'] == 2 and torch.isfinite(ckpt['parts']['prompt.tokens']).all()
+    assert torch.equal(load_file(out_dir / 'prompt.safetensors')['prompt.tokens'], ckpt['parts']['prompt.tokens'])
     rows = read_log(out_dir)
     assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['loss']) for r in rows)
 
@@ -504,3 +510,143 @@ def test_sample_eval_npz_with_a_t2i_checkpoint_is_a_clear_error(t2i_run, tmp_pat
         sample.main(['--ckpt', os.path.join(t2i_run, 'ckpt.pt'), '--eval_npz', str(tmp_path / 'x.npz'),
                      '--per_class', '1', '--num_classes', '2', '--device', 'cpu'])
     assert not (tmp_path / 'x.npz').exists()
+
+
+# -----------------------------------------------------------------------------
+# 8. prompt folders: the trained tensors alone, shared as safetensors and loaded without pickle
+
+
+def test_prompt_folder_round_trip(strong_prompt_run, tmp_path):
+    """The folder train.py writes beside ckpt.pt samples the same images as ckpt.pt; export_prompt makes the same."""
+    ckpt = load_ckpt(os.path.join(strong_prompt_run, 'ckpt.pt'))
+    tensors = load_file(os.path.join(strong_prompt_run, 'prompt.safetensors'))
+    assert set(tensors) == set(ckpt['parts']) and all(torch.equal(tensors[k], v) for k, v in ckpt['parts'].items())
+    with open(os.path.join(strong_prompt_run, 'config.json')) as f:
+        config = json.load(f)
+    assert {k: config[k] for k in train.ARCHITECTURE_KEYS} == {k: ckpt['config'][k] for k in train.ARCHITECTURE_KEYS}
+    assert config['clip_pretrained'] == ckpt['config']['clip_pretrained'] and 'out_dir' not in config
+
+    train.export_prompt(os.path.join(strong_prompt_run, 'ckpt.pt'), str(tmp_path / 'exported'))
+    assert sorted(os.listdir(tmp_path / 'exported')) == ['config.json', 'prompt.safetensors']
+    for name in ('config.json', 'prompt.safetensors'):
+        with open(os.path.join(strong_prompt_run, name), 'rb') as a, open(tmp_path / 'exported' / name, 'rb') as b:
+            assert a.read() == b.read(), name
+
+    common = ['--class_id', '0,2', '--n', '2', '--seed', '5', '--device', 'cpu']
+    for name, ckpt_arg in (('pt', os.path.join(strong_prompt_run, 'ckpt.pt')), ('run', strong_prompt_run),
+                           ('exported', tmp_path / 'exported')):
+        sample.main(['--ckpt', str(ckpt_arg), *common, '--out', str(tmp_path / f'{name}.png')])
+    np.testing.assert_array_equal(png(tmp_path / 'run.png'), png(tmp_path / 'pt.png'))
+    np.testing.assert_array_equal(png(tmp_path / 'exported.png'), png(tmp_path / 'pt.png'))
+
+
+def test_t2i_prompt_folder_samples_like_the_checkpoint(t2i_run, tmp_path):
+    common = ['--text', CAPTION, '--n', '2', '--device', 'cpu']
+    sample.main(['--ckpt', os.path.join(t2i_run, 'ckpt.pt'), *common, '--out', str(tmp_path / 'pt.png')])
+    sample.main(['--ckpt', t2i_run, *common, '--out', str(tmp_path / 'folder.png')])
+    np.testing.assert_array_equal(png(tmp_path / 'folder.png'), png(tmp_path / 'pt.png'))
+
+
+def test_sample_by_hub_repo_id_from_the_hf_cache(strong_prompt_run, tmp_path):
+    """--ckpt user/repo: the prompt folder's two files found in the Hugging Face cache, the Hub unreachable."""
+    files = {}
+    for name in ('config.json', 'prompt.safetensors'):
+        with open(os.path.join(strong_prompt_run, name), 'rb') as f:
+            files[name] = f.read()
+    write_hf_cache(tmp_path / 'hf', 'someone/mvp-tiny', files)
+    common = ['--class_id', '1', '--n', '2', '--device', 'cpu']
+    result = run_cli(['sample.py', '--ckpt', 'someone/mvp-tiny', *common, '--out', tmp_path / 'hub.png'],
+                     env=offline_hub_env(tmp_path / 'hf'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sample.main(['--ckpt', os.path.join(strong_prompt_run, 'ckpt.pt'), *common, '--out', str(tmp_path / 'pt.png')])
+    np.testing.assert_array_equal(png(tmp_path / 'hub.png'), png(tmp_path / 'pt.png'))
+
+
+def test_cli_error_hub_repo_offline_not_cached(tmp_path):
+    result = run_cli(['sample.py', '--ckpt', 'someone/not-cached', '--class_id', 0, '--device', 'cpu',
+                      '--out', tmp_path / 'x.png'], env=offline_hub_env(tmp_path / 'hf'))
+    assert_one_line_error(result, 'someone/not-cached', 'config.json')
+
+
+def test_cli_error_released_weights_offline_not_cached(tmp_path):
+    result = run_cli(['sample.py', '--depth', 16, '--class_id', 0, '--device', 'cpu', '--out', tmp_path / 'x.png'],
+                     env=offline_hub_env(tmp_path / 'hf'))
+    assert_one_line_error(result, 'FoundationVision/var', 'vae_ch160v4096z32.pth', '--cache_dir')
+
+
+class RunsCode:
+    """What a malicious checkpoint could hold: unpickling it calls open() on a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_checkpoint_holding_a_pickled_object_is_refused(strong_prompt_run, tmp_path):
+    ckpt = load_ckpt(os.path.join(strong_prompt_run, 'ckpt.pt'))
+    marker = tmp_path / 'code_ran'
+    ckpt['extra'] = RunsCode(str(marker))
+    path = tmp_path / 'evil.pt'
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r'evil\.pt holds a pickled .*open.*not a tensor'):
+        train.load_run(str(path))
+    result = run_cli(['sample.py', '--ckpt', path, '--class_id', 0, '--device', 'cpu', '--out', tmp_path / 'x.png'])
+    assert_one_line_error(result, 'evil.pt', 'not a tensor')
+    assert not marker.exists() and not (tmp_path / 'x.png').exists()
+
+
+@pytest.fixture
+def prompt_copy(strong_prompt_run, tmp_path):
+    """A copy of a class-to-image prompt folder whose config.json a test may edit: edit(key=value) -> the folder."""
+    folder = tmp_path / 'prompt'
+    folder.mkdir()
+    for name in ('config.json', 'prompt.safetensors'):
+        shutil.copy(os.path.join(strong_prompt_run, name), folder / name)
+
+    def edit(**changes):
+        config = json.loads((folder / 'config.json').read_text())
+        (folder / 'config.json').write_text(json.dumps({**config, **changes}))
+        return str(folder)
+    return edit
+
+
+def test_prompt_for_another_tau_is_one_line(prompt_copy):
+    folder = prompt_copy(tau=8)
+    with pytest.raises(ValueError) as info:
+        train.load_run(folder)
+    msg = str(info.value)
+    assert msg.startswith(os.path.join(folder, 'prompt.safetensors')) and '--tau 8' in msg and '\n' not in msg, msg
+
+
+def test_prompt_for_another_backbone_is_one_line(prompt_copy, tmp_path):
+    """The backbone of config.json is not the one the tensors were trained on (another depth and width)."""
+    kwargs = dict(vocab_size=32, z_channels=8, patch_nums=(1, 2, 3, 4))
+    vae_kwargs = dict(kwargs, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    var_kwargs = dict(kwargs, depth=3, width=32, num_heads=2, num_classes=10)
+    other = str(tmp_path / 'other_backbone')
+    save_backbone(other, VQVAE(**vae_kwargs), vae_kwargs, VAR(**var_kwargs), var_kwargs)
+    with pytest.raises(ValueError) as info:
+        train.load_run(prompt_copy(backbone=other))
+    msg = str(info.value)
+    assert 'prompt.safetensors' in msg and f'--backbone {other}' in msg and '(24, 64)' in msg and '(24, 32)' in msg, msg
+
+
+def test_t2i_prompt_used_for_class_to_image_is_one_line(t2i_run, tmp_path):
+    folder = tmp_path / 'prompt'
+    shutil.copytree(t2i_run, folder, ignore=shutil.ignore_patterns('ckpt.pt', '*.jsonl', '*.png'))
+    with pytest.raises(ValueError, match='text-to-image'):  # the folder as it is: its samples need --text
+        sample.main(['--ckpt', str(folder), '--class_id', '0', '--device', 'cpu', '--out', str(tmp_path / 'x.png')])
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**config, 't2i': False}))
+    with pytest.raises(ValueError) as info:  # a config that says class-to-image beside a text-to-image prompt
+        train.load_run(str(folder))
+    msg = str(info.value)
+    assert msg.startswith(str(folder / 'prompt.safetensors')) and 'text-to-image run (--t2i)' in msg, msg
+
+
+def test_folder_without_prompt_file_is_one_line(tmp_path):
+    (tmp_path / 'config.json').write_text('{}')
+    with pytest.raises(FileNotFoundError, match='prompt.safetensors'):
+        train.load_run(str(tmp_path))
