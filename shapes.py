@@ -342,7 +342,10 @@ def read_attributes(image):
     xs = (np.arange(W) + 0.5) / W
     cy = (mask.sum(1) * ys).sum() / mask.sum()
     cx = (mask.sum(0) * xs).sum() / mask.sum()
-    row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
+    # the nearest cell centre, not the nearest third: a large shape in a corner cell is pushed inwards by the margin
+    # (its centroid can pass 1/3 of the side), never past half way to the next cell's centre
+    centres = np.array(CELL_CENTRES)
+    row, col = int(np.abs(centres - cy).argmin()), int(np.abs(centres - cx).argmin())
     out["position"] = POSITIONS[3 * row + col]
     return out
 

@@ -15,7 +15,8 @@ def test_class_to_image_before_equals_after_for_untrained_prompts(tiny_backbone,
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '1', '--lr', '0', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=2, seed=0)
     assert set(results) == {'before', 'after'}
-    assert set(results['after']) == {'FD_clip', 'class_accuracy'}
+    assert set(results['after']) == {'FD_clip', 'FD_clip_se', 'class_accuracy', 'class_accuracy_se'}
+    assert results['after']['FD_clip_se'] > 0  # bootstrap over the samples: a spread, not a constant
     assert all(math.isfinite(v) for row in results.values() for v in row.values())
     assert results['before'] == results['after']  # lr 0: the prompts are still zero, so nothing may differ
 
@@ -24,10 +25,15 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     out = str(tmp_path / 't2i')
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '2', '--lr', '0.5', '--t2i', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', n_texts=12, seed=0)
-    assert set(results['after']) == {'FD_clip', 'attribute_accuracy', 'clip_score'}
+    per_attribute = {f'{key}_accuracy' for key in ('shape', 'colour', 'size', 'position', 'background')}
+    figures = {'FD_clip', 'attribute_accuracy', *per_attribute}
+    assert set(results['after']) == figures | {f + '_se' for f in figures} | {'clip_score'}
     for row in results.values():
         assert 0.0 <= row['attribute_accuracy'] <= 1.0 and 0.0 <= row['clip_score'] <= 100.0
+        mean_of_attributes = sum(row[k] for k in per_attribute) / len(per_attribute)
+        assert math.isclose(row['attribute_accuracy'], mean_of_attributes, rel_tol=1e-9)
     ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
     assert ckpt['parts']['prompt.tokens'].abs().sum() > 0  # trained: "after" is a different model from "before"
     table = evaluate.format_results(results)
-    assert table.splitlines()[0] == '| | FD_clip | attribute_accuracy | clip_score |'
+    assert table.splitlines()[0].startswith('| | FD_clip | attribute_accuracy | shape_accuracy |')
+    assert ' ± ' in table.splitlines()[2]

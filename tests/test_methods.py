@@ -153,8 +153,8 @@ def test_evaluate_before_is_the_untrained_model(tiny_backbone, tmp_path):
     """lr 0: nothing moves, so "after" must equal "before", which for LoRA / full is the plain backbone."""
     lora = run(tiny_backbone, tmp_path / 'lora', '--prompt', 'lora', '--max_steps', 1, '--lr', 0, *NO_SEMANTIC)
     results = evaluate.evaluate_run(lora, per_class=1, seed=0)
-    assert set(results['after']) == {'FD_clip', 'class_accuracy'} and results['before'] == results['after']
+    assert {'FD_clip', 'class_accuracy'} <= set(results['after']) and results['before'] == results['after']
     full = run(tiny_backbone, tmp_path / 'full', '--prompt', 'full', '--t2i', '--max_steps', 1, '--lr', 0, *NO_SEMANTIC)
     results = evaluate.evaluate_run(full, n_texts=6, seed=0)
-    assert set(results['after']) == {'FD_clip', 'attribute_accuracy', 'clip_score'}
+    assert {'FD_clip', 'attribute_accuracy', 'clip_score'} <= set(results['after'])
     assert results['before'] == results['after']

@@ -682,3 +682,22 @@ def test_clip_weights_in_the_hf_cache_need_no_network(tmp_path):
     write_hf_cache(tmp_path, 'timm/vit_base_patch16_clip_224.openai', {'open_clip_model.safetensors': b'weights'})
     result = run_clip_script("check_clip_weights_reachable('ViT-B-16', 'openai')", offline_hub_env(tmp_path))
     assert 'error' not in result and result['seconds'] < 2.0, result
+
+
+def test_the_image_first_scale_replaces_the_predicted_one(tiny_clip, tiny_vae):
+    """With first_idx_Bl, I_sen and I_cap no longer depend on the first scale's logits (class-to-image: no prompt acts
+    on them), still depend on every later scale's, and show the given first-scale tokens."""
+    torch.manual_seed(0)
+    semantic = SemanticLoss(tiny_clip, tiny_vae, beta=0.6)
+    L, V = sum(p * p for p in tiny_vae.patch_nums), tiny_vae.vocab_size
+    logits = torch.randn(2, L, V)
+    first = torch.tensor([[3], [7]])
+    other_first = logits.clone()
+    other_first[:, 0] = torch.randn(2, V)  # another first-scale prediction
+    other_later = logits.clone()
+    other_later[:, -1] = torch.randn(2, V) * 5  # another last-scale prediction
+    with torch.no_grad():
+        base = semantic.decode_sen_cap(logits, first)
+        assert all(torch.equal(a, b) for a, b in zip(base, semantic.decode_sen_cap(other_first, first)))
+        assert not torch.equal(base[1], semantic.decode_sen_cap(other_later, first)[1])
+        assert not torch.equal(base[1], semantic.decode_sen_cap(logits)[1])  # without it, the soft first map

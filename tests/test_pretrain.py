@@ -30,7 +30,8 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     assert 0 < vqvae['heldout_psnr_db'] < 60 and 0 < vqvae['codebook_usage'] <= 1
     assert 0 <= vqvae['recon_shape_recognised'] <= 1  # the classifier stage ran first, so this is measured
     var = report(pretrained_folder, 'var')
-    assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 20 * shapes.NUM_CLASSES
+    assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 2 * shapes.NUM_CLASSES
+    assert var['fd_clip_samples'] > 0 and var['fd_clip_reconstructions'] > 0 and var['cfg'] == 1.5
     assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
     assert all(report(pretrained_folder, s)['steps'] > 0 for s in ('vqvae', 'var', 'clip', 'classifier'))
