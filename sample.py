@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pretrained import load_backbone
 from train import generate_images, load_run, save_grid, to_uint8
 
-SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i.pt'  # what --text uses without --ckpt
+SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
 
 
 def get_args(argv=None):
@@ -60,7 +60,7 @@ def get_args(argv=None):
 
 def load_models(args, device):
     if args.text and not args.ckpt:  # the shipped text-to-image run of the shapes world
-        if not os.path.isfile(SHIPPED_T2I):
+        if not os.path.isdir(SHIPPED_T2I):
             raise ValueError('--text needs a text-to-image checkpoint (--ckpt from train.py --t2i)')
         args.ckpt = SHIPPED_T2I
     if args.ckpt:
