@@ -55,7 +55,7 @@ def rendered(split: str, n: int, seed: int = 0):
 
 def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
     """An array goes to `device` (the CPU if None); a tensor stays where it is."""
-    x = torch.as_tensor(images_uint8) if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(images_uint8, device=device)
+    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(images_uint8, device=device)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
