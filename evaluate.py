@@ -32,10 +32,10 @@ def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> f
 def fd_clip_with_se(features: ClipFeatures, generated: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):
     """FD_clip and its standard error over the generated samples (the std of FD over bootstrap resamples)."""
     feats = features.images(generated)
+    fd_of = lambda f: frechet_distance(*feature_statistics(f), *reference_stats)
     rng = np.random.default_rng(seed)
-    boot = [frechet_distance(*feature_statistics(feats[rng.integers(0, len(feats), len(feats))]), *reference_stats)
-            for _ in range(n_boot)]
-    return frechet_distance(*feature_statistics(feats), *reference_stats), float(np.std(boot))
+    boot = [fd_of(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(n_boot)]
+    return fd_of(feats), float(np.std(boot))
 
 
 def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
@@ -79,11 +79,11 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
         arrays = to_uint8(images)
         fd, fd_se = fd_clip_with_se(features, arrays, reference_stats, seed=seed)
         row = {'FD_clip': fd, 'FD_clip_se': fd_se}
-        per_attribute = {key: [shapes.attribute_accuracy(im, a, keys=(key,), shape_classifier=classifier.predict)
-                               for im, a in zip(arrays, items)] for key in shapes.ATTRIBUTES}
-        row['attribute_accuracy'], row['attribute_accuracy_se'] = mean_with_se(np.mean(list(per_attribute.values()), axis=0))
-        for key, correct in per_attribute.items():
-            row[f'{key}_accuracy'], row[f'{key}_accuracy_se'] = mean_with_se(correct)
+        matches = [shapes.attribute_matches(im, a, shape_classifier=classifier.predict) for im, a in zip(arrays, items)]
+        correct = np.array([[m[key] for key in shapes.ATTRIBUTES] for m in matches], dtype=np.float64)  # (N, 5)
+        row['attribute_accuracy'], row['attribute_accuracy_se'] = mean_with_se(correct.mean(axis=1))
+        for key, column in zip(shapes.ATTRIBUTES, correct.T):
+            row[f'{key}_accuracy'], row[f'{key}_accuracy_se'] = mean_with_se(column)
         row['clip_score'] = clip_score(features.images(arrays), features.texts(captions))
         results[name] = row
     return results

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import shapes
 from clip_loss import contrastive_loss
 from pretrained import load_backbone, save_backbone
+from train import atomic_save, generate_images, to_uint8
 from var import VAR
 from vqvae import VQVAE
 
@@ -114,10 +115,8 @@ class Resumable:
         if step % self.every or step >= total:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        state = {'step': step, 'model': model.state_dict(), 'opt': opt.state_dict(), 'numpy': rng.bit_generator.state,
-                 'torch': torch.get_rng_state()}
-        torch.save(state, self.path + '.part')
-        os.replace(self.path + '.part', self.path)
+        atomic_save({'step': step, 'model': model.state_dict(), 'opt': opt.state_dict(),
+                     'numpy': rng.bit_generator.state, 'torch': torch.get_rng_state()}, self.path)
 
     def finish(self):
         if os.path.isfile(self.path):
@@ -243,7 +242,6 @@ def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: b
     against as many held-out renders (the reconstructions' FD is the floor the tokens set)."""
     from evaluate import fd_clip
     from fid import ClipFeatures, feature_statistics
-    from train import generate_images, to_uint8
     classifier = shapes.load_shape_classifier(out).to(device)
     labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
     images = torch.cat([generate_images(vae, var, None, None, labels=labels[i:i + 250], cfg_scale=cfg, seed=i)
@@ -362,10 +360,14 @@ def evaluate_clip(args, n: int = 100) -> dict:
     return {'image_to_caption_top1': round((sims.argmax(1) == torch.arange(n)).float().mean().item(), 3), 'captions': n}
 
 
+STAGES = {'classifier': (train_classifier, evaluate_classifier), 'clip': (train_clip, evaluate_clip),
+          'vqvae': (train_vqvae, evaluate_vqvae), 'var': (train_var, evaluate_var)}  # stage: (train, measure the gates)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description='Pretrain the shapes world backbone (VQVAE, VAR, CLIP, shape classifier).',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--stage', default='all', choices=('all', 'vqvae', 'var', 'clip', 'classifier'))
+    p.add_argument('--stage', default='all', choices=('all', *STAGES))
     p.add_argument('--out', default='checkpoints/shapes')
     p.add_argument('--n_train', type=int, default=100000, help='training images rendered')
     p.add_argument('--vae_steps', type=int, default=8000)
@@ -395,13 +397,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     # the classifier and CLIP first: the VQVAE's and the VAR's reports use them
-    stages = ('classifier', 'clip', 'vqvae', 'var') if args.stage == 'all' else (args.stage,)
+    stages = tuple(STAGES) if args.stage == 'all' else (args.stage,)
     for stage in stages:
+        train, evaluate = STAGES[stage]
         if args.evaluate:
-            evaluate = {'vqvae': evaluate_vqvae, 'var': evaluate_var, 'clip': evaluate_clip, 'classifier': evaluate_classifier}
-            write_report(args.out, stage, evaluate[stage](args))
+            write_report(args.out, stage, evaluate(args))
         else:
-            {'vqvae': train_vqvae, 'var': train_var, 'clip': train_clip, 'classifier': train_classifier}[stage](args)
+            train(args)
 
 
 if __name__ == '__main__':

@@ -350,9 +350,9 @@ def read_attributes(image):
     return out
 
 
-def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
-    """Fraction of the attributes in attrs (restricted to keys) that the image shows.
-    "shape" counts only if shape_classifier(image) -> class index or name is given."""
+def attribute_matches(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
+    """{attribute: whether the image shows it} for the attributes in attrs (restricted to keys), reading the image
+    once. "shape" counts only if shape_classifier(image) -> class index or name is given."""
     keys = [k for k in keys if k in attrs and (k != "shape" or shape_classifier is not None)]
     if not keys:
         raise ValueError("no attribute to score")
@@ -360,7 +360,13 @@ def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
     if "shape" in keys:
         pred = shape_classifier(image)
         seen["shape"] = pred if isinstance(pred, str) else CLASS_NAMES[int(pred)]
-    return sum(seen.get(k) == attrs[k] for k in keys) / len(keys)
+    return {k: seen.get(k) == attrs[k] for k in keys}
+
+
+def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
+    """Fraction of the attributes in attrs (restricted to keys) that the image shows."""
+    matches = attribute_matches(image, attrs, keys, shape_classifier)
+    return sum(matches.values()) / len(matches)
 
 
 class ShapeClassifier(torch.nn.Module):
