@@ -78,6 +78,17 @@ def tiny_backbone(tmp_path_factory):
     return write_tiny_backbone(str(tmp_path_factory.mktemp('backbone')))
 
 
+# Prepended to a script run in a fresh process: counts the connections it tries, so a test can tell "no request at all"
+# from "a request refused at once" without timing anything.
+COUNT_CONNECTIONS = '''
+import socket
+connections = []
+_connect = socket.socket.connect
+def _counting_connect(sock, address):
+    connections.append(str(address))
+    return _connect(sock, address)
+socket.socket.connect = _counting_connect
+'''
 CLOSED_PORT = 'http://127.0.0.1:9'  # the discard port: nothing listens, a connection is refused at once
 
 
