@@ -25,7 +25,8 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from clip_loss import SemanticLoss, contrastive_loss, inter_anchor, load_clip, soft_token_maps  # noqa: E402
+import clip_loss  # noqa: E402
+from clip_loss import TEXT_CHUNK, SemanticLoss, contrastive_loss, inter_anchor, load_clip, soft_token_maps  # noqa: E402
 from conftest import COUNT_CONNECTIONS, TINY_CLIP_CFG, offline_hub_env, write_hf_cache  # noqa: E402
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt, prompt_positions  # noqa: E402
 
@@ -577,16 +578,34 @@ def test_frozen_clip_text_cache(tiny_clip):
 
     tiny_clip.model.encode_text = counting  # this instance only
     first = tiny_clip.encode_text(['a cat', 'a dog'])
-    assert calls == [2]
+    assert calls == [TEXT_CHUNK]  # one padded chunk
     again = tiny_clip.encode_text(['a dog', 'a cat', 'a cat'])
-    assert calls == [2]  # all cached: the tower did not run
+    assert calls == [TEXT_CHUNK]  # all cached: the tower did not run
     assert torch.equal(again, first[[1, 0, 0]])
     more = tiny_clip.encode_text(['a cat', 'a bird'])
-    assert calls == [2, 1]  # only the new string
+    assert calls == [TEXT_CHUNK] * 2  # only the new string
     assert torch.allclose(more.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(first.norm(dim=-1), torch.ones(2), atol=1e-5)
     fresh = F.normalize(tower(tiny_clip.tokenizer(['a bird'])).float(), dim=-1)
     assert torch.allclose(more[1], fresh[0], atol=1e-6)
+
+
+def test_text_features_do_not_depend_on_what_else_was_encoded(tiny_clip):
+    """A resumed run starts with an empty cache: a text's features must be the same bits whatever was encoded with it
+    or before it, under bf16 autocast too (a kernel's rounding can depend on its batch)."""
+    texts = [f'a {c} {s} on a {b} background' for c in ('red', 'green', 'blue') for s in ('star', 'circle', 'cross')
+             for b in ('white', 'black', 'gray', 'navy', 'pink')]  # 45 texts: more than one chunk
+    alone = tiny_clip.encode_text(texts[7:8])
+    tiny_clip.text_cache.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        together = tiny_clip.encode_text(texts)
+    assert together.dtype == torch.float32 and torch.equal(together[7], alone[0])
+
+
+def test_text_cache_is_bounded(tiny_clip, monkeypatch):
+    monkeypatch.setattr(clip_loss, 'TEXT_CACHE_SIZE', 3)
+    feats = tiny_clip.encode_text(['a', 'b', 'c', 'd', 'e'])
+    assert feats.shape[0] == 5 and len(tiny_clip.text_cache) == 3
 
 
 def test_frozen_clip_image_any_size_differentiable(tiny_clip):
