@@ -24,17 +24,30 @@ from PIL import Image
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
 
+def text_lines(path: str):
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is an error naming the file and the line."""
+    with open(path, 'rb') as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode('utf-8')
+            except UnicodeDecodeError:
+                raise ValueError(f'{path}, line {line_no}: not UTF-8 text') from None
+
+
 def load_captions(path: str) -> Dict[str, str]:
     captions = {}
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                captions[os.path.normpath(record['path'])] = str(record['caption'])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f'{path}, line {line_no}: not a {{"path": ..., "caption": ...}} JSON object ({e})') from None
+    for line_no, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image_path, caption = record['path'], record['caption']
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}, line {line_no}: not a {{"path": ..., "caption": ...}} JSON object ({e})') from None
+        if not isinstance(image_path, str) or not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f'{path}, line {line_no}: "path" and "caption" must be non-empty strings, got '
+                             f'{json.dumps(image_path)} and {json.dumps(caption)}')
+        captions[os.path.normpath(image_path)] = caption
     return captions
 
 
@@ -43,8 +56,7 @@ def class_names_for(root: str, folders: List[str], class_names_file: Optional[st
         raise FileNotFoundError(f'no class names file {class_names_file}')
     path = class_names_file or os.path.join(root, 'class_names.txt')
     if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = [line.strip() for _, line in text_lines(path) if line.strip()]
         if len(names) != len(folders):
             raise ValueError(f'{path} lists {len(names)} class names but {root} has {len(folders)} class folders')
         return names

@@ -123,10 +123,13 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: str, what:
 def load_released(depth: int = 16, cache_dir: Optional[str] = None, device='cpu') -> Tuple[VQVAE, VAR]:
     """The released VQVAE and VAR-d{depth}, weights loaded strict, in eval mode, on `device`."""
     cache_dir = cache_dir or default_cache_dir()
-    var = released_var(depth)  # raises for a depth that was never released, before any download
+    if depth not in DEPTHS:  # before any download
+        raise ValueError(f'no released VAR has depth {depth}; the released depths are {DEPTHS}')
+    filenames = (VAE_FILE, f'var_d{depth}.pth')
+    paths = [released_file(filename, cache_dir) for filename in filenames]  # a missing file fails before any model is built
+    var = released_var(depth)
     vae = released_vqvae(var.patch_nums)
-    for model, filename in ((vae, VAE_FILE), (var, f'var_d{depth}.pth')):
-        path = released_file(filename, cache_dir)
+    for model, filename, path in zip((vae, var), filenames, paths):
         load_into(model, read_state_dict(path), path, f'{type(model).__name__} {filename}')
     return vae.to(device).eval(), var.to(device).eval()
 
@@ -140,6 +143,19 @@ def save_backbone(folder: str, vae: VQVAE, vae_kwargs: dict, var: VAR, var_kwarg
         os.replace(os.path.join(folder, name + '.part'), os.path.join(folder, name))
     with open(os.path.join(folder, 'backbone.json'), 'w') as f:
         json.dump({'vqvae': vae_kwargs, 'var': var_kwargs}, f, indent=1)
+
+
+def backbone_spec(backbone: str = 'released', depth: int = 16) -> Tuple[int, int]:
+    """(image size, number of classes) of a backbone, without building or loading it."""
+    if backbone == 'released':
+        return (512 if depth == 36 else 256), 1000
+    config_path = os.path.join(backbone, 'backbone.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f'{backbone} is neither "released" nor a backbone folder (no {config_path})')
+    with open(config_path) as f:
+        config = json.load(f)
+    vqvae = config['vqvae']
+    return vqvae['patch_nums'][-1] * 2 ** (len(vqvae['ch_mult']) - 1), config['var']['num_classes']
 
 
 def load_backbone(backbone: str = 'released', depth: int = 16, cache_dir: Optional[str] = None,

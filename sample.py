@@ -20,6 +20,7 @@ evaluation suite (guided-diffusion's evaluator) and of fid.py.
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -69,13 +70,42 @@ def load_models(args, device):
     return {'t2i': False}, vae, var, None, None  # no trained parts: the plain VAR
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = torch.device(args.device)
+def check_writable(path: str, flag: str, create: bool):
+    """Before any sampling: the folder that `path` goes in exists (or, with create, can be made) and takes a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if not create:
+            raise ValueError(f'{flag} {path}: there is no folder {folder}')
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f'{flag} {path}: cannot create the folder {folder} ({e.strerror})') from None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: permission bits alone mislead root and read-only mounts
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write into {folder} ({e.strerror})') from None
+
+
+def check_args(args):
+    for name in ('n', 'per_class', 'batch_size'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.text is not None and any(not t.strip() for t in args.text):
         raise ValueError('--text is empty: give a caption, e.g. --text "a large green circle in the center"')
     if args.text is None and args.class_id is None and args.eval_npz is None:
         raise ValueError('nothing to sample: pass --text, --class_id or --eval_npz')
+    if args.eval_npz:
+        check_writable(args.eval_npz, '--eval_npz', create=False)
+    else:
+        check_writable(args.out, '--out', create=True)
+    if args.per_image:
+        check_writable(os.path.join(args.per_image, 'x.png'), '--per_image', create=True)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    check_args(args)
     cfg, vae, var, clip, parts = load_models(args, device)
     if args.no_prompt and cfg.get('prompt') in ('lora', 'full'):
         raise ValueError(f'--no_prompt: {args.ckpt} was trained with --prompt {cfg["prompt"]}, which changes the VAR '
@@ -122,12 +152,13 @@ def main(argv=None):
         os.makedirs(args.per_image, exist_ok=True)
         for row, name in enumerate(names):
             for i in range(args.n):
-                slug = ''.join(ch if ch.isalnum() else '_' for ch in name)[:60]
-                save_grid(images[row * args.n + i:row * args.n + i + 1], os.path.join(args.per_image, f'{slug}_{i}.png'), 1)
+                slug = ''.join(ch if ch.isalnum() else '_' for ch in name)[:60]  # the row number keeps names apart
+                path = os.path.join(args.per_image, f'{row:03d}_{slug}_{i}.png')
+                save_grid(images[row * args.n + i:row * args.n + i + 1], path, 1)
 
 
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, ConnectionError, a disk that fills up
         sys.exit(f'error: {e}')

@@ -25,9 +25,10 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Tuple
 
 import numpy as np
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
 from lora import attach_lora, make_lora
-from pretrained import hub_file, load_backbone
+from pretrained import backbone_spec, hub_file, load_backbone
 from text_condition import TextCondition
 
 # the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them
@@ -111,7 +112,23 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.first_scale == 'auto':
         args.first_scale = 'on' if args.t2i else 'off'
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Flags whose values no run can use: one line naming the flag, before anything is built or written."""
+    at_least = {'batch_size': 1, 'max_steps': 1, 'log_every': 1, 'ckpt_every': 1, 'sample_every': 0, 'num_workers': 0,
+                'warmup_steps': 0, 'shapes_n': 1, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise ValueError(f'--{name} must be at least {low}, got {getattr(args, name)}')
+    for name in ('lr', 'soft_temperature', 'grad_clip'):
+        if not getattr(args, name) > 0:
+            raise ValueError(f'--{name} must be positive, got {getattr(args, name)}')
+    for name in ('cond_drop', 'min_lr_ratio'):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f'--{name} must lie in [0, 1], got {getattr(args, name)}')
 
 
 # -----------------------------------------------------------------------------
@@ -424,6 +441,30 @@ def batches_of_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, 
     return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, n - per_step + 1, per_step)]
 
 
+def log_row(line: str) -> Optional[dict]:
+    """A row of log.jsonl, or None for a blank or torn line (a kill or a full disk can leave the last one half-written)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and 'step' in row else None
+
+
+@contextmanager
+def stop_on_interrupt():
+    """Within it, Ctrl-C (SIGINT) only appends to the list it yields, for the training loop to stop cleanly at a step."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ignore_interrupts(worker_id: int):  # DataLoader workers: Ctrl-C is the main process's to handle (train.main)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def collate(items):
     images, labels, sentences, captions = zip(*items)
     return torch.stack(images), torch.tensor(labels), list(sentences), list(captions)
@@ -460,11 +501,14 @@ def main(argv=None):
         ckpt = load_checkpoint(resume_path)
         check_same_architecture(ckpt['config'], vars(args), resume_path)
 
-    # --- model and data
+    # --- data, then the model: a dataset the backbone cannot train on fails before anything heavy is built
+    image_size, num_classes = backbone_spec(args.backbone, args.depth)
+    dataset = build_dataset(args, image_size)
+    if not args.t2i and len(dataset.class_names) > num_classes:  # class ids past the backbone's are not classes
+        raise ValueError(f'--data {args.data} has {len(dataset.class_names)} classes, but the backbone\'s VAR knows '
+                         f'{num_classes} (MVP trains no class embeddings): use --t2i, where captions replace classes')
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
     vae, var, clip, parts = build_run(vars(args), device, need_clip=semantic_on)
-    var.cond_drop_rate = args.cond_drop
-    dataset = build_dataset(args, vae.image_size)
     if args.t2i:
         init_text_projection(parts.text_cond, clip, var, dataset)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
@@ -526,72 +570,86 @@ def main(argv=None):
     log_path = os.path.join(args.out_dir, 'log.jsonl')
     if master and os.path.exists(log_path):  # a new run starts an empty log; a resumed one drops rows past its checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+            kept = [line for line in f if (row := log_row(line)) is not None and row['step'] <= step]
         with open(log_path, 'w') as f:
             f.writelines(kept)
     sample_labels = torch.arange(min(8, var.num_classes), device=device)
     sample_texts = [dataset[i][3] for i in range(min(8, len(dataset)))]
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.time()
-    while step < args.max_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if hasattr(dataset, 'epoch'):
-            dataset.epoch = epoch
-        batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, rank, world)[offset:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
-                                             num_workers=args.num_workers, persistent_workers=False,
-                                             generator=torch.Generator())  # not the global RNG: resume stays exact
-        for images, labels, sentences, captions in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.no_grad():
-                idx = vae.img_to_idx(images)  # K maps (B, pn*pn): the targets
-                x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
-            text_feats = clip.encode_text(captions) if args.t2i else None
-            with autocast:
-                prompt_map, prefix, text_cond = model(text_feats)
-                cond = conditions(var, text_cond, labels, drop=True, cond_drop=args.cond_drop)
-                logits = forward_var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
-                ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
-                losses = {'ce': ce}
-                loss = ce
-                if semantic is not None:  # an unprompted first scale enters I_sen and I_cap as the image's own
-                    sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
-                    losses.update(sen=sem['sen'], cap=sem['cap'])
-                    loss = loss + sem['semantic']  # Eq. 9
-            finite = torch.tensor(float(torch.isfinite(loss)), device=device)
-            if ddp:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                if master:
-                    print(f'\nstopping: the loss is {loss.item()} at step {step + 1}; the last good checkpoint in '
-                          f'{args.out_dir} is untouched', file=sys.stderr)
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(1)
-            for group in optimizer.param_groups:
-                group['lr'] = lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            if master and (step % args.log_every == 0 or step == args.max_steps):
-                row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
-                       'grad_norm': grad_norm.item(), 'lr': lr_at(step - 1), 'time': round(time.time() - t0, 2)}
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(row) + '\n')
-                bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
-            bar.update(1)
-            if args.sample_every and step % args.sample_every == 0 and master:
-                images_out = generate_images(vae, var, parts, clip, labels=None if args.t2i else sample_labels,
-                                             texts=sample_texts if args.t2i else None, seed=args.seed)
-                save_grid(images_out, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                save(os.path.join(args.out_dir, 'ckpt.pt'))
-            if step >= args.max_steps:
-                break
+    with stop_on_interrupt() as interrupted:  # Ctrl-C: the loop saves and stops at the next step
+        while step < args.max_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            if hasattr(dataset, 'epoch'):
+                dataset.epoch = epoch
+            batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, rank, world)[offset:]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
+                                                 num_workers=args.num_workers, persistent_workers=False,
+                                                 worker_init_fn=ignore_interrupts,
+                                                 generator=torch.Generator())  # not the global RNG: resume stays exact
+            for images, labels, sentences, captions in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.no_grad():
+                    idx = vae.img_to_idx(images)  # K maps (B, pn*pn): the targets
+                    x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
+                text_feats = clip.encode_text(captions) if args.t2i else None
+                with autocast:
+                    prompt_map, prefix, text_cond = model(text_feats)
+                    cond = conditions(var, text_cond, labels, drop=True, cond_drop=args.cond_drop)
+                    logits = forward_var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
+                    ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+                    losses = {'ce': ce}
+                    loss = ce
+                    if semantic is not None:  # an unprompted first scale enters I_sen and I_cap as the image's own
+                        sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
+                        losses.update(sen=sem['sen'], cap=sem['cap'])
+                        loss = loss + sem['semantic']  # Eq. 9
+                status = torch.tensor([float(torch.isfinite(loss)), float(not interrupted)], device=device)
+                if ddp:  # every process stops at the same step, or none does
+                    dist.all_reduce(status, op=dist.ReduceOp.MIN)
+                finite, going = status.tolist()
+                if not going:  # Ctrl-C: this batch is not trained on; the state after the last step is saved
+                    save(os.path.join(args.out_dir, 'ckpt.pt'))
+                    bar.close()
+                    if master:
+                        print(f'\ninterrupted at step {step}: saved {os.path.join(args.out_dir, "ckpt.pt")}; continue with '
+                              f'the same command and --resume auto', file=sys.stderr)
+                    if ddp:
+                        dist.destroy_process_group()
+                    sys.exit(130)
+                if not finite:
+                    bar.close()
+                    if master:
+                        kept = os.path.join(args.out_dir, 'ckpt.pt')
+                        kept = f'the last good checkpoint {kept} is untouched' if os.path.isfile(kept) else 'no checkpoint was written'
+                        print(f'\nerror: the loss is {loss.item()} at step {step + 1}; stopping ({kept})', file=sys.stderr)
+                    if ddp:
+                        dist.destroy_process_group()
+                    sys.exit(1)
+                for group in optimizer.param_groups:
+                    group['lr'] = lr_at(step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                if master and (step % args.log_every == 0 or step == args.max_steps):
+                    row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
+                           'grad_norm': grad_norm.item(), 'lr': lr_at(step - 1), 'time': round(time.time() - t0, 2)}
+                    with open(log_path, 'a') as f:
+                        f.write(json.dumps(row) + '\n')
+                    bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
+                bar.update(1)
+                if args.sample_every and step % args.sample_every == 0 and master:
+                    images_out = generate_images(vae, var, parts, clip, labels=None if args.t2i else sample_labels,
+                                                 texts=sample_texts if args.t2i else None, seed=args.seed)
+                    save_grid(images_out, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))
+                if step % args.ckpt_every == 0 or step == args.max_steps:
+                    save(os.path.join(args.out_dir, 'ckpt.pt'))
+                if step >= args.max_steps:
+                    break
     bar.close()
     if master:
         plot_losses(log_path, os.path.join(args.out_dir, 'losses.png'))
@@ -600,8 +658,19 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def error_line(error: BaseException) -> str:
+    """The one line a user sees for an error. One raised in a DataLoader worker arrives with the worker's traceback in
+    its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."): its last line is the error."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith('Caught ') and 'DataLoader worker' in lines[0]:
+        return lines[-1].split(': ', 1)[-1]
+    return str(error)
+
+
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
-        sys.exit(f'error: {e}')
+    except (ValueError, FileNotFoundError, ConnectionError, PermissionError) as e:
+        sys.exit(f'error: {error_line(e)}')
+    except KeyboardInterrupt:  # before the training loop: nothing trained, nothing to save
+        sys.exit('interrupted before the first step: nothing was saved')
