@@ -15,6 +15,7 @@ is the help text); give it its own command-line options with @benchmark(add_args
 args.notes (a list of strings) are appended below its table to --out.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -271,8 +272,11 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
     meaningful only in a fresh process that runs nothing else)."""
     from frame_prompt import FramePrompt, PrefilledPrompt
-    from train import TunedParts, conditions  # train.py's own pieces: the step below is the one train.py runs
+    from train import TunedParts, auto_dtype, conditions, mvp_loss, optimizer_step, teacher_forcing
     device = torch.device(args.device)
+    dtype = auto_dtype(device)  # as train.py's --dtype auto: bf16 on CUDA and on CPUs with fast bf16 matrix units
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = synchronizer(device)
     vae, var = training_backbone(device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -292,39 +296,34 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         raise ValueError(f'unknown variant {variant!r}')
     if parts is not None:
         trainable = list(parts.parameters())
+    else:
+        parts = TunedParts()  # LoRA and full fine-tuning act inside the VAR: no prompt
     if variant == 'mvp_semantic':  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens at T = 1
         import open_clip
         from clip_loss import FrozenClip, SemanticLoss
         clip = FrozenClip(open_clip.model.CLIP(**TINY_CLIP_64), open_clip.get_tokenizer('ViT-B-32'))
         clip = clip.to(device).eval().requires_grad_(False)
         semantic = SemanticLoss(clip, vae)
-        sentences = [f'a photo of a class {int(c)}' for c in labels]
-        captions = [f'a photo of a class {int(c)}, picture {i}' for i, c in enumerate(labels)]
+    texts = ([f'a photo of a class {int(c)}' for c in labels],
+             [f'a photo of a class {int(c)}, picture {i}' for i, c in enumerate(labels)], None)
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if trainable else None
     seq_lens = []  # the sequence length the attention sees, read off the first block's input
     hook = var.blocks[0].attn.register_forward_pre_hook(lambda module, inputs: seq_lens.append(inputs[0].shape[1]))
 
     def step() -> float:
-        """train.py's step without the data loader; returns the time the VQVAE encoding finished."""
-        with torch.no_grad():  # the targets and the teacher-forcing input, from the frozen VQVAE
-            idx = vae.img_to_idx(images)
-            x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
+        """train.py's step (its own functions, autocast and grad scaler included) without the data loader; returns
+        the time the VQVAE encoding finished. The frozen VAR has no step in train.py (nothing trains): the same
+        forward in fp32, and a backward to its input, as the floor every tuning method pays."""
+        idx, x_BLCv = teacher_forcing(vae, images)
         sync()
         t_encoded = time.perf_counter()
-        if variant == 'frozen':  # nothing trains: backpropagate to the input so there is a backward pass to time
+        if variant == 'frozen':
             x_BLCv.requires_grad_(True)
-        prompt_map, prefix, _ = parts() if parts is not None else (None, None, None)
-        cond = conditions(var, None, labels, drop=True, cond_drop=0.1)
-        logits = var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
-        loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
-        if semantic is not None:
-            loss = loss + semantic(logits, sentences, captions)['semantic']  # Eq. 9
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if optimizer is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+            logits = var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
+            F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1)).backward()
+            return t_encoded
+        loss, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, False, autocast)
+        optimizer_step(loss, optimizer, scaler, trainable, 1.0)
         return t_encoded
 
     # memory: the growth over what the process holds once everything is built, from before the first step on
@@ -370,7 +369,9 @@ def training(args) -> Optional[List[dict]]:
     unknown = [v for v in variants if v not in TRAIN_VARIANTS]
     if unknown or not variants:
         raise SystemExit(f'error: unknown --variants {unknown}; choose from {", ".join(TRAIN_VARIANTS)}')
-    print(f'training: batch {args.batch}, tau {args.tau}, fp32; VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
+    from train import auto_dtype
+    dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
+    print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
           f'patch_nums {TRAIN_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '
           f'{"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
           f'{args.warmup} warm-up steps + median of {args.repeats}')
@@ -400,7 +401,8 @@ def training(args) -> Optional[List[dict]]:
     first = next(iter(results.values()))
     notes = [f'Step: what train.py does per batch minus data loading: VQVAE encoding without grad (median '
              f'{1e3 * median(r["encode"] for r in results.values()):.1f} ms of every row), forward, loss, backward, '
-             f'gradient clipping and an AdamW step over the trainable parameters; fp32.']
+             f'gradient clipping and an AdamW step over the trainable parameters, as train.py runs them '
+             f'(train.teacher_forcing, train.mvp_loss, train.optimizer_step) under train.py\'s autocast.']
     if 'frozen' in results:
         notes.append(f'Frozen row: nothing trains and there is no optimizer step; the backward pass runs to the input '
                      f'x_BLCv (the VQVAE teacher-forcing input, made to require grad: {first["input_grad_values"]:,} '

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -265,9 +264,11 @@ def run_one(args, name: str, seed: int, env: dict) -> str:
             proc.returncode = os.waitstatus_to_exitcode(status)
         record.update(train_rc=proc.returncode, train_wall_s=round(time.time() - t0, 2),
                       peak_mb=round(usage.ru_maxrss / 1024, 1))  # ru_maxrss is in KB on Linux
-        with open(os.path.join(out, 'train.log')) as f:
-            found = re.search(r'trainable parameters: ([\d,]+)', f.read())
-        record['trainable'] = int(found.group(1).replace(',', '')) if found else None
+        try:  # train.py writes the count into the run's config.json
+            with open(os.path.join(out, 'config.json')) as f:
+                record['trainable'] = json.load(f)['trainable_parameters']
+        except (OSError, ValueError, KeyError):
+            record['trainable'] = None
         try:
             with open(os.path.join(out, 'log.jsonl')) as f:
                 record['train_s'] = [json.loads(line) for line in f if line.strip()][-1]['time']  # the training loop
@@ -286,11 +287,17 @@ def run_one(args, name: str, seed: int, env: dict) -> str:
     return 'done' if rc == 0 else 'failed'
 
 
-def write_json(path: str, obj):
+def write_text(path: str, text: str):
+    """Atomically (a temporary file, then a rename), as pretrained.atomic_write: this file imports no project module,
+    so that the grid's bookkeeping runs without torch."""
     tmp = path + '.part'
     with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def estimate_seconds(args, name: str) -> float:
@@ -470,10 +477,7 @@ def report(args, argv, status: dict, started: float) -> str:
 
 def write_report(args, argv, status, started):
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-    tmp = args.report + '.part'
-    with open(tmp, 'w') as f:
-        f.write(report(args, argv, status, started))
-    os.replace(tmp, args.report)
+    write_text(args.report, report(args, argv, status, started))
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ the repo, the file and where to put it. Everything loads with strict=True.
 """
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,10 +139,23 @@ def save_backbone(folder: str, vae: VQVAE, vae_kwargs: dict, var: VAR, var_kwarg
     os.makedirs(folder, exist_ok=True)
     for model, name in ((vae, 'vqvae.pth'), (var, 'var.pth')):
         state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-        torch.save(state, os.path.join(folder, name + '.part'))
-        os.replace(os.path.join(folder, name + '.part'), os.path.join(folder, name))
-    with open(os.path.join(folder, 'backbone.json'), 'w') as f:
-        json.dump({'vqvae': vae_kwargs, 'var': var_kwargs}, f, indent=1)
+        atomic_write(os.path.join(folder, name), lambda tmp: torch.save(state, tmp))
+    write_json(os.path.join(folder, 'backbone.json'), {'vqvae': vae_kwargs, 'var': var_kwargs})
+
+
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ''):
+    """write(tmp) to a temporary name beside path, then rename it to path: a crash or a full disk never leaves a
+    half-written file at path. suffix: an ending the writer insists on (np.savez adds .npz)."""
+    tmp = path + '.part' + suffix
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def backbone_spec(backbone: str = 'released', depth: int = 16) -> Tuple[int, int]:

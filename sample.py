@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pretrained import load_backbone
+from pretrained import atomic_write, load_backbone
 from train import generate_images, load_run, save_grid, to_uint8
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
@@ -125,9 +125,7 @@ def main(argv=None):
             images = generate_images(vae, var, parts, clip, labels=batch, seed=args.seed + start, **settings)
             chunks.append(to_uint8(images))
         arr = np.concatenate(chunks)  # (N, H, W, 3) uint8
-        tmp = args.eval_npz + '.part.npz'
-        np.savez(tmp, arr_0=arr, labels=labels.numpy())
-        os.replace(tmp, args.eval_npz)
+        atomic_write(args.eval_npz, lambda tmp: np.savez(tmp, arr_0=arr, labels=labels.numpy()), suffix='.npz')
         print(f'wrote {arr.shape[0]} images of {num_classes} classes to {args.eval_npz}')
         return
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
 from lora import attach_lora, make_lora
-from pretrained import backbone_spec, hub_file, load_backbone
+from pretrained import atomic_write, backbone_spec, hub_file, load_backbone, write_json
 from text_condition import TextCondition
 
 # the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them
@@ -119,11 +119,12 @@ def get_args(argv=None):
 def check_args(args):
     """Flags whose values no run can use: one line naming the flag, before anything is built or written."""
     at_least = {'batch_size': 1, 'max_steps': 1, 'log_every': 1, 'ckpt_every': 1, 'sample_every': 0, 'num_workers': 0,
-                'warmup_steps': 0, 'shapes_n': 1, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0}
+                'warmup_steps': 0, 'shapes_n': 1, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0,
+                'lr': 0}  # lr 0: a run that trains nothing, the untuned model in a run's clothes
     for name, low in at_least.items():
         if getattr(args, name) < low:
             raise ValueError(f'--{name} must be at least {low}, got {getattr(args, name)}')
-    for name in ('lr', 'soft_temperature', 'grad_clip'):
+    for name in ('soft_temperature', 'grad_clip'):
         if not getattr(args, name) > 0:
             raise ValueError(f'--{name} must be positive, got {getattr(args, name)}')
     for name in ('cond_drop', 'min_lr_ratio'):
@@ -207,10 +208,7 @@ def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
     """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
     random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""
     cond = var.class_emb(labels) if text_cond_BD is None else text_cond_BD
-    if drop:
-        null = torch.rand(cond.shape[0], 1, device=cond.device) < cond_drop
-        cond = torch.where(null, var.null_condition(cond.shape[0]).to(cond.dtype), cond)
-    return cond
+    return var.drop_condition(cond, cond_drop) if drop else cond
 
 
 @torch.no_grad()
@@ -276,9 +274,7 @@ def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'))
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""
-    tmp = path + '.part'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -299,9 +295,7 @@ def load_checkpoint(path: str) -> dict:
 
 def write_config(config: dict, path: str):
     """A run's config.json, atomically, without the training machine's paths (it is shared with the prompt)."""
-    with open(path + '.part', 'w') as f:
-        json.dump({k: v for k, v in config.items() if k not in LOCAL_KEYS}, f, indent=1)
-    os.replace(path + '.part', path)
+    write_json(path, {k: v for k, v in config.items() if k not in LOCAL_KEYS})
 
 
 def save_prompt(folder: str, config: dict, state: dict):
@@ -311,8 +305,8 @@ def save_prompt(folder: str, config: dict, state: dict):
     write_config(config, os.path.join(folder, CONFIG_FILE))
     path = os.path.join(folder, PROMPT_FILE)
     # clone: safetensors refuses tensors that share memory (a state dict may hold views of one another)
-    save_file({k: v.detach().cpu().clone() for k, v in state.items()}, path + '.part')
-    os.replace(path + '.part', path)
+    tensors = {k: v.detach().cpu().clone() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def export_prompt(ckpt_path: str, folder: str):
@@ -441,6 +435,58 @@ def batches_of_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, 
     return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, n - per_step + 1, per_step)]
 
 
+# -----------------------------------------------------------------------------
+# one training step (train.py's loop and bench.py's training benchmark run these)
+
+
+@torch.no_grad()
+def teacher_forcing(vae, images_B3HW: torch.Tensor):
+    """Step 1: the frozen VQVAE's token maps R_1..R_K (the targets, K tensors (B, pn*pn)) and the transformer's input
+    for scales 2..K (B, L - first_l, Cvae)."""
+    idx = vae.img_to_idx(images_B3HW)
+    return idx, vae.quantize.teacher_forcing_input(idx)
+
+
+def mvp_loss(var, model, semantic: Optional[SemanticLoss], idx, x_BLCv, labels, texts, cond_drop: float,
+             first_scale_fixed: bool, autocast, forward_var=None):
+    """Steps 2-3: the prompted VAR's teacher-forced logits and L = CE + L_semantic (Eq. 9) -> (L, {'ce', 'sen', 'cap'}).
+
+    model: the TunedParts (or DDP around them); texts: (sentences, captions, caption features for text-to-image or
+    None); first_scale_fixed: nothing trainable acts on the first scale, whose map then enters I_sen and I_cap as the
+    image's own (clip_loss.py); forward_var: the VAR to call (torch.compile'd, say), by default var."""
+    sentences, captions, text_feats_BD = texts
+    with autocast:
+        prompt_map, prefix, text_cond = model(text_feats_BD)
+        cond = conditions(var, text_cond, labels, drop=True, cond_drop=cond_drop)
+        logits = (forward_var or var)(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
+        ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+        losses = {'ce': ce}
+        if semantic is None:
+            return ce, losses
+        sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
+        losses.update(sen=sem['sen'], cap=sem['cap'])
+        return ce + sem['semantic'], losses  # Eq. 9
+
+
+def optimizer_step(loss, optimizer, scaler, params, grad_clip: float) -> torch.Tensor:
+    """Backward (through the grad scaler for fp16), clip, step; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm
+
+
+def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def log_row(line: str) -> Optional[dict]:
     """A row of log.jsonl, or None for a blank or torn line (a kill or a full disk can leave the last one half-written)."""
     try:
@@ -535,9 +581,10 @@ def main(argv=None):
         if ddp else parts
     n_trainable = sum(p.numel() for p in trainable)
     n_var = sum(p.numel() for p in var.parameters())  # the backbone's own (LoRA pairs are not the VAR's parameters)
+    run_config = {**vars(args), 'trainable_parameters': n_trainable, 'var_parameters': n_var}  # the prompt folder's
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        write_config(vars(args), os.path.join(args.out_dir, CONFIG_FILE))
+        write_config(run_config, os.path.join(args.out_dir, CONFIG_FILE))
         print(json.dumps(vars(args), indent=1))
         tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
             parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
@@ -546,11 +593,7 @@ def main(argv=None):
         print(f'data: {len(dataset):,} images; device {device}, autocast {dtype}, world size {world}'
               + (f'; resuming at step {step}' if step else ''))
 
-    def lr_at(s):  # linear warm-up, then cosine decay to min_lr_ratio * lr
-        if s < args.warmup_steps:
-            return args.lr * (s + 1) / args.warmup_steps
-        t = (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
 
     def save(path):
         rng_torch = [torch.get_rng_state()]
@@ -560,9 +603,9 @@ def main(argv=None):
             dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
             rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
         if master:
-            atomic_save({'config': vars(args), 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
+            atomic_save({'config': run_config, 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
-            save_prompt(os.path.dirname(path), vars(args), parts.state_dict())  # what to share: no optimizer, no pickle
+            save_prompt(os.path.dirname(path), run_config, parts.state_dict())  # what to share: no optimizer, no pickle
 
     steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, world))
     if steps_per_epoch == 0:
@@ -589,21 +632,10 @@ def main(argv=None):
                                                  generator=torch.Generator())  # not the global RNG: resume stays exact
             for images, labels, sentences, captions in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.no_grad():
-                    idx = vae.img_to_idx(images)  # K maps (B, pn*pn): the targets
-                    x_BLCv = vae.quantize.teacher_forcing_input(idx)  # (B, L - 1, Cvae)
+                idx, x_BLCv = teacher_forcing(vae, images)
                 text_feats = clip.encode_text(captions) if args.t2i else None
-                with autocast:
-                    prompt_map, prefix, text_cond = model(text_feats)
-                    cond = conditions(var, text_cond, labels, drop=True, cond_drop=args.cond_drop)
-                    logits = forward_var(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
-                    ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
-                    losses = {'ce': ce}
-                    loss = ce
-                    if semantic is not None:  # an unprompted first scale enters I_sen and I_cap as the image's own
-                        sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
-                        losses.update(sen=sem['sen'], cap=sem['cap'])
-                        loss = loss + sem['semantic']  # Eq. 9
+                loss, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
+                                        args.cond_drop, first_scale_fixed, autocast, forward_var)
                 status = torch.tensor([float(torch.isfinite(loss)), float(not interrupted)], device=device)
                 if ddp:  # every process stops at the same step, or none does
                     dist.all_reduce(status, op=dist.ReduceOp.MIN)
@@ -628,12 +660,7 @@ def main(argv=None):
                     sys.exit(1)
                 for group in optimizer.param_groups:
                     group['lr'] = lr_at(step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                grad_norm = optimizer_step(loss, optimizer, scaler, trainable, args.grad_clip)
                 step += 1
                 if master and (step % args.log_every == 0 or step == args.max_steps):
                     row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()},

@@ -204,10 +204,15 @@ class VAR(nn.Module):
         return cond_BD
 
     def class_condition(self, label_B: torch.Tensor, drop: bool = False) -> torch.Tensor:
-        """Class labels (B,) -> condition (B, C); with drop, a label becomes the null class with cond_drop_rate (for CFG)."""
-        if drop:
-            label_B = torch.where(torch.rand(label_B.shape, device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
-        return self.class_emb(label_B)
+        """Class labels (B,) -> condition (B, C); with drop, each becomes the null class with cond_drop_rate (for CFG)."""
+        cond_BD = self.class_emb(label_B)
+        return self.drop_condition(cond_BD, self.cond_drop_rate) if drop else cond_BD
+
+    def drop_condition(self, cond_BD: torch.Tensor, rate: float) -> torch.Tensor:
+        """Training for classifier-free guidance: each condition (a class's or a caption's) becomes the null one with
+        probability rate."""
+        null_B1 = torch.rand(cond_BD.shape[0], 1, device=cond_BD.device) < rate
+        return torch.where(null_B1, self.null_condition(cond_BD.shape[0]).to(cond_BD.dtype), cond_BD)
 
     def null_condition(self, batch_size: int) -> torch.Tensor:  # (B, C)
         return self.class_emb.weight[self.num_classes].expand(batch_size, -1)

@@ -144,6 +144,8 @@ def test_c2i_outputs(c2i_run):
     with open(os.path.join(out_dir, 'config.json')) as f:
         config = json.load(f)
     resolved = vars(train.get_args(c2i_run['argv']))  # the resolved config, less the training machine's paths ...
+    assert config.pop('trainable_parameters') == 24 * 64  # the tau-20 frame prompt of the 2x2 .. 4x4 scales, width 64
+    assert config.pop('var_parameters') == sum(p.numel() for p in c2i_run['models'][1].parameters())
     assert config == {k: v for k, v in resolved.items() if k not in ('cache_dir', 'out_dir', 'resume')}
     assert config['first_scale'] == 'off'  # ... with 'auto' resolved (class-to-image: the first scale is off)
 
@@ -165,7 +167,8 @@ def test_c2i_checkpoint_holds_only_the_trained_parts(c2i_run, tiny_backbone):
     ckpt = load_ckpt(path)
     assert set(ckpt) == {'config', 'step', 'parts', 'optimizer', 'scaler', 'rng'}
     assert ckpt['step'] == 4
-    assert ckpt['config'] == vars(train.get_args(c2i_run['argv']))
+    counts = {'trainable_parameters': 24 * 64, 'var_parameters': sum(p.numel() for p in c2i_run['models'][1].parameters())}
+    assert ckpt['config'] == {**vars(train.get_args(c2i_run['argv'])), **counts}
     assert list(ckpt['parts']) == ['prompt.tokens']
     frozen_prefixes = ('blocks.', 'class_emb', 'word_embed', 'head', 'pos_', 'encoder', 'decoder', 'quantize', 'visual',
                        'transformer', 'var.', 'vae.', 'clip.')
@@ -443,7 +446,7 @@ def test_cli_error_sample_corrupt_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize('flag, value', [('--batch_size', 0), ('--log_every', 0), ('--ckpt_every', 0),
-                                         ('--max_steps', 0), ('--lambda_sen', -1), ('--lambda_cap', -0.5), ('--lr', 0),
+                                         ('--max_steps', 0), ('--lambda_sen', -1), ('--lambda_cap', -0.5), ('--lr', -1e-3),
                                          ('--cond_drop', 1.5), ('--soft_temperature', 0), ('--num_workers', -1)])
 def test_unusable_flag_values_are_one_line(flag, value):
     with pytest.raises(ValueError) as error:
