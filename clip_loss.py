@@ -18,84 +18,18 @@ A frozen CLIP scores them against two texts with the symmetric image-text contra
 and training minimises L = CE + L_semantic (Eq. 9). Gradients flow through CLIP's image tower, the
 decoder and the soft tokens into the prompts; every network stays frozen.
 
-CLIP comes from open_clip by model name and pretrained tag, or from a local folder in open_clip's
-own `open_clip_config.json` + weights layout (the shapes world's tiny CLIP ships that way).
-The default for real runs is ViT-B-16 with OpenAI's weights: the CLIP most CLIP-guided generation
-and CLIP-score work uses, and small enough (150M) to sit beside VAR-d16 in a fine-tuning step.
+CLIP is loaded by pretrained.load_clip, from open_clip by model name and pretrained tag, or from a local folder in
+open_clip's own `open_clip_config.json` + weights layout (the shapes world's tiny CLIP ships that way).
 """
 import math
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_CLIP = ('ViT-B-16', 'openai')
 TEXT_CHUNK = 32  # texts go through the text tower this many at a time (FrozenClip.encode_text)
 TEXT_CACHE_SIZE = 200_000  # text features kept (about 400 MB at D = 512)
-
-
-def check_clip_weights_reachable(model_name: str, pretrained: str):
-    """Fail within seconds, with one line naming the repo, the file and the cache, when open_clip would have to
-    download weights from the Hub that cannot be reached (open_clip itself retries for about a minute)."""
-    import open_clip
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import RemoteEntryNotFoundError
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-    from pretrained import hub_error, one_line
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not cfg:
-        raise ValueError(f'open_clip knows no pretrained tag {pretrained!r} for {model_name}; '
-                         f'see open_clip.list_pretrained(), or pass a checkpoint file or folder')
-    if not cfg.get('hf_hub'):
-        return  # weights from a plain URL: open_clip downloads them with a timeout of its own
-    repo, filename = os.path.split(cfg['hf_hub'])  # 'org/name/' or 'org/name/file.bin', as open_clip reads it
-    filename = filename or HF_WEIGHTS_NAME
-    safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else \
-        filename[:-4] + '.safetensors' if filename.endswith(('.bin', '.pth')) else None
-    names = (safe, filename) if safe else (filename,)  # what open_clip tries, in its order
-    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
-        return
-    for name in names:
-        error = hub_error(repo, name)
-        if error is None:
-            return
-        if not isinstance(error, RemoteEntryNotFoundError):  # on "no such file" (the Hub answered) open_clip
-            break  # tries the next name; anything else: the Hub cannot be reached
-    raise ConnectionError(f'CLIP weights {model_name}/{pretrained} ({names[0]} of the Hugging Face repo {repo}) are '
-                          f'not in the Hugging Face cache {constants.HF_HUB_CACHE} and could not be downloaded '
-                          f'({one_line(error)}): fetch them there with `hf download {repo} {names[0]}`, or pass a '
-                          f'checkpoint file or folder as the CLIP pretrained path')
-
-
-def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEFAULT_CLIP[1], device='cpu'):
-    """A frozen open_clip model in eval mode and its tokenizer.
-
-    model_name: an open_clip model name, or a folder in open_clip's local-dir layout
-    (open_clip_config.json + open_clip_model.safetensors).
-    pretrained: an open_clip tag ('openai', 'laion2b_s34b_b88k', ...), a checkpoint file for model_name,
-    a local-dir folder (then model_name is ignored), or None (random weights).
-    """
-    import open_clip
-    folder = model_name if os.path.isdir(model_name) else pretrained if pretrained and os.path.isdir(pretrained) else None
-    quick_gelu = False
-    if folder:
-        if not os.path.isfile(os.path.join(folder, 'open_clip_config.json')):
-            raise FileNotFoundError(f'{folder} has no open_clip_config.json: not an open_clip model folder')
-        if not any(f.endswith(('.safetensors', '.bin', '.pth')) for f in os.listdir(folder)):  # open_clip would
-            raise FileNotFoundError(f'{folder} has no CLIP weights (*.safetensors, *.bin or *.pth)')  # go random
-        name, pretrained = 'local-dir:' + os.path.abspath(folder), None
-    else:
-        name = model_name
-        if pretrained and not os.path.isfile(pretrained):
-            check_clip_weights_reachable(model_name, pretrained)
-            # OpenAI's weights were trained with QuickGELU, which the plain configs (ViT-B-16, ...) lack
-            quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get('quick_gelu'))
-    model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
-    tokenizer = open_clip.get_tokenizer(name)
-    model.eval().requires_grad_(False)
-    return model, tokenizer
 
 
 class FrozenClip(nn.Module):

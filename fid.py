@@ -63,7 +63,7 @@ download fails with one line: download the file elsewhere and place it there.
 CLIP models: --clip-pretrained is an open_clip tag (downloaded by open_clip), a checkpoint file
 for the built-in architecture --clip-model, or a folder in open_clip's own local-dir layout
 (open_clip_config.json + open_clip_model.safetensors, as pretrain.py writes the shapes world's
-tiny CLIP to checkpoints/shapes/clip/). Loading is clip_loss.load_clip, the project's one CLIP
+tiny CLIP to checkpoints/shapes/clip/). Loading is pretrained.load_clip, the project's one CLIP
 loader (offline, a tag that is not in the Hugging Face cache fails within seconds, naming the repo,
 the file and the cache).
 
@@ -254,7 +254,7 @@ class ClipFeatures:
     def __init__(self, model_name='ViT-B-32', pretrained='openai', device='cpu', batch_size=50):
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
-        from clip_loss import load_clip  # the project's one CLIP loader: tags, checkpoint files, local-dir folders
+        from pretrained import load_clip  # the project's one CLIP loader: tags, checkpoint files, local-dir folders
         try:
             self.model, self.tokenizer = load_clip(model_name, pretrained, device)
         except (ValueError, OSError, RuntimeError) as e:  # OSError covers FileNotFoundError and ConnectionError

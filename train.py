@@ -41,10 +41,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from clip_loss import DEFAULT_CLIP, FrozenClip, SemanticLoss, load_clip
+from clip_loss import FrozenClip, SemanticLoss
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
 from lora import attach_lora, make_lora
-from pretrained import atomic_write, backbone_spec, hub_file, load_backbone, write_json
+from pretrained import DEFAULT_CLIP, atomic_write, backbone_spec, hub_file, load_backbone, load_clip, write_json
 from text_condition import TextCondition
 
 # the settings that decide what a checkpoint's trained tensors mean: a resumed or sampled run must match them

@@ -3,7 +3,7 @@ The MVP core on tiny random models, fp32 on the CPU, offline:
   - frame_prompt.py: prompt geometry (frame / L-shapes / ablation placements), FramePrompt, the CLI;
   - var.py: the additive prompt map (Eq. 6) and the prefilled baseline (Table 4) in forward and generate;
   - clip_loss.py: soft token maps, the two decoded images of Eq. 7, the contrastive loss, L_semantic (Eq. 8),
-    FrozenClip, load_clip and the offline check of the CLIP weights;
+    FrozenClip; pretrained.load_clip and the offline check of the CLIP weights;
   - gradients: with every network frozen, CE and L_semantic reach the prompt tokens and nothing else.
 
     python -m pytest -q tests/test_mvp_core.py
@@ -26,9 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import clip_loss  # noqa: E402
-from clip_loss import TEXT_CHUNK, SemanticLoss, contrastive_loss, inter_anchor, load_clip, soft_token_maps  # noqa: E402
+from clip_loss import TEXT_CHUNK, SemanticLoss, contrastive_loss, inter_anchor, soft_token_maps  # noqa: E402
 from conftest import COUNT_CONNECTIONS, TINY_CLIP_CFG, offline_hub_env, write_hf_cache  # noqa: E402
 from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt, prompt_positions  # noqa: E402
+from pretrained import load_clip  # noqa: E402
 
 VAR_PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256px scales
 TAUS = (4, 12, 20, 28)
@@ -669,11 +670,11 @@ def test_load_clip_folder_as_pretrained(tmp_path):
 CLIP_SCRIPT = COUNT_CONNECTIONS + '''
 import json, sys, time
 sys.path.insert(0, {root!r})
-import clip_loss
+import pretrained
 result = {{}}
 start = time.perf_counter()
 try:
-    clip_loss.{call}
+    pretrained.{call}
 except ConnectionError as e:
     result['error'] = str(e)
 result['seconds'] = time.perf_counter() - start

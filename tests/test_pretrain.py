@@ -7,7 +7,7 @@ import torch
 
 import pretrain
 import shapes
-from clip_loss import load_clip
+from pretrained import load_clip
 from pretrained import load_backbone
 
 

@@ -78,7 +78,8 @@ def test_text_projection_starts_captions_near_their_class_embedding():
     """train.init_text_projection on the shipped VAR and CLIP: held-out captions land closest to their own class's
     embedding far above chance (1 in 10), at the class embeddings' scale (fitted on sentences alone, they land ~5x
     farther out, where VAR draws noise)."""
-    from clip_loss import FrozenClip, load_clip
+    from clip_loss import FrozenClip
+    from pretrained import load_clip
     from pretrained import load_backbone
     from text_condition import TextCondition
     from train import init_text_projection

@@ -25,9 +25,8 @@ sys.path.insert(0, ROOT)
 import pretrained  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from clip_loss import load_clip  # noqa: E402
 from conftest import offline_hub_env, write_hf_cache  # noqa: E402
-from pretrained import load_backbone, save_backbone  # noqa: E402
+from pretrained import load_backbone, load_clip, save_backbone  # noqa: E402
 from var import VAR  # noqa: E402
 from vqvae import VQVAE  # noqa: E402
 
