@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import add_lora
+from baselines import PrefilledPrompt, add_lora
 from var import VAR
 from vqvae import MultiScaleQuantizer, VQVAE
 
@@ -271,7 +271,7 @@ def peak_rss(after_reset: bool) -> Optional[int]:
 def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
     meaningful only in a fresh process that runs nothing else)."""
-    from frame_prompt import FramePrompt, PrefilledPrompt
+    from frame_prompt import FramePrompt
     from train import TunedParts, auto_dtype, conditions, mvp_loss, optimizer_step, teacher_forcing
     device = torch.device(args.device)
     dtype = auto_dtype(device)  # as train.py's --dtype auto: bf16 on CUDA and on CPUs with fast bf16 matrix units

@@ -17,7 +17,6 @@ four L-shapes).
 draws every scale's map with its prompt positions and prints the counts.
 """
 import argparse
-import math
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -107,18 +106,6 @@ class FramePrompt(nn.Module):
 
     def forward(self) -> torch.Tensor:  # the prompt map F: (1, L, C), zero away from the prompt positions
         return self.tokens.new_zeros(self.L, self.width).index_add(0, self.index, self.tokens).unsqueeze(0)
-
-
-class PrefilledPrompt(nn.Module):
-    """The baseline of MVP's Table 4: the same number of learnable tokens, prepended to the sequence instead."""
-
-    def __init__(self, num_tokens: int, width: int):
-        super().__init__()
-        self.tokens = nn.Parameter(torch.empty(1, num_tokens, width))  # (1, P, C)
-        nn.init.trunc_normal_(self.tokens, std=math.sqrt(1 / width / 3))  # VAR's embedding init
-
-    def forward(self) -> torch.Tensor:  # (1, P, C)
-        return self.tokens
 
 
 def draw_layout(patch_nums: Sequence[int], tau: int, placements: Sequence[str], first_scale: bool, seed: int, cell: int = 12):

@@ -42,8 +42,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from clip_loss import FrozenClip, SemanticLoss
-from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt
-from lora import attach_lora, make_lora
+from baselines import PrefilledPrompt, attach_lora, make_lora
+from frame_prompt import PLACEMENTS, FramePrompt
 from pretrained import DEFAULT_CLIP, atomic_write, backbone_spec, hub_file, load_backbone, load_clip, write_json
 from text_condition import TextCondition
 
@@ -174,7 +174,7 @@ def build_run(cfg: dict, device, need_clip: bool):
     for frozen in (vae, var, clip):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
-    if cfg['prompt'] == 'lora':  # after loading the backbone: the wrapped layers' state-dict keys change (lora.py)
+    if cfg['prompt'] == 'lora':  # after loading the backbone: the wrapped layers' state-dict keys change (baselines.py)
         lora = make_lora(var, cfg.get('lora_rank', 8))
         attach_lora(var, lora)
     elif cfg['prompt'] == 'full':  # the VAR transformer trains (kept in eval mode, as in prompt tuning)

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from lora import LoRALinear, TARGETS  # noqa: E402
+from baselines import LoRALinear, TARGETS  # noqa: E402
 from pretrained import load_backbone  # noqa: E402
 
 DATA = ['--data', 'shapes', '--shapes_n', '32', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu',

@@ -28,7 +28,8 @@ sys.path.insert(0, REPO)
 import clip_loss  # noqa: E402
 from clip_loss import TEXT_CHUNK, SemanticLoss, contrastive_loss, inter_anchor, soft_token_maps  # noqa: E402
 from conftest import COUNT_CONNECTIONS, TINY_CLIP_CFG, offline_hub_env, write_hf_cache  # noqa: E402
-from frame_prompt import PLACEMENTS, FramePrompt, PrefilledPrompt, prompt_positions  # noqa: E402
+from baselines import PrefilledPrompt  # noqa: E402
+from frame_prompt import PLACEMENTS, FramePrompt, prompt_positions  # noqa: E402
 from pretrained import load_clip  # noqa: E402
 
 VAR_PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256px scales

@@ -1,5 +1,10 @@
 """
-LoRA on VAR's attention (the baseline of MVP's Table 3 and bench.py's training benchmark).
+The baselines MVP is compared with, kept apart from the method's files: the prefilled prompt of MVP's Table 4
+(PrefilledPrompt; var.py prepends it, in its lines marked "baseline") and LoRA on VAR's attention, Table 3's
+(also in bench.py's training benchmark). Full fine-tuning, Table 3's other baseline, needs no code of its own:
+train.py unfreezes the VAR.
+
+LoRA
 
 Every block's attn.mat_qkv and attn.proj get a trainable low-rank update: W -> W + (alpha / r) B A, with
 A (r, in) initialised as nn.Linear's weight and B (out, r) at zero, so before the first step the model is
@@ -22,6 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TARGETS = ('mat_qkv', 'proj')  # of every block's attention
+
+
+class PrefilledPrompt(nn.Module):
+    """The baseline of MVP's Table 4: the same number of learnable tokens, prepended to the sequence instead."""
+
+    def __init__(self, num_tokens: int, width: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.empty(1, num_tokens, width))  # (1, P, C)
+        nn.init.trunc_normal_(self.tokens, std=math.sqrt(1 / width / 3))  # VAR's embedding init
+
+    def forward(self) -> torch.Tensor:  # (1, P, C)
+        return self.tokens
+
 
 
 class LoRAPair(nn.Module):
