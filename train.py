@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -516,16 +516,25 @@ def collate(items):
     return torch.stack(images), torch.tensor(labels), list(sentences), list(captions)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+class Process(NamedTuple):
+    """This process of the run: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for DDP."""
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:  # the process that logs and writes files
+        return self.rank == 0
+
+
+def setup_process(args) -> Process:
     ddp = 'RANK' in os.environ
     if ddp:
         dist.init_process_group(backend='nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo')
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
     else:
         rank, world, local_rank = 0, 1, 0
-    master = rank == 0
     if args.device == 'auto':
         device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
     else:
@@ -534,27 +543,140 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) or auto_dtype(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
+    return Process(ddp, rank, world, device)
 
-    # --- resume: the checkpoint's settings must match the ones asked for
-    resume_path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
-    ckpt = None
-    if resume_path and (args.resume != 'auto' or os.path.isfile(resume_path)):
-        ckpt = load_checkpoint(resume_path)
-        check_same_architecture(ckpt['config'], vars(args), resume_path)
 
-    # --- data, then the model: a dataset the backbone cannot train on fails before anything heavy is built
+def end_process(proc: Process, exit_code: Optional[int] = None):
+    if proc.ddp:
+        dist.destroy_process_group()
+    if exit_code is not None:
+        sys.exit(exit_code)
+
+
+def find_resume(args) -> Tuple[Optional[dict], Optional[str]]:
+    """The checkpoint to continue from, if any; its settings must match the ones asked for."""
+    path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
+    if not path or (args.resume == 'auto' and not os.path.isfile(path)):
+        return None, None
+    ckpt = load_checkpoint(path)
+    check_same_architecture(ckpt['config'], vars(args), path)
+    return ckpt, path
+
+
+def training_data(args):
+    """The dataset, checked against the backbone before anything heavy is built."""
     image_size, num_classes = backbone_spec(args.backbone, args.depth)
     dataset = build_dataset(args, image_size)
     if not args.t2i and len(dataset.class_names) > num_classes:  # class ids past the backbone's are not classes
         raise ValueError(f'--data {args.data} has {len(dataset.class_names)} classes, but the backbone\'s VAR knows '
                          f'{num_classes} (MVP trains no class embeddings): use --t2i, where captions replace classes')
+    return dataset
+
+
+def restore(ckpt: dict, path: str, parts, optimizer, scaler, proc: Process, args) -> int:
+    """Load a checkpoint's trained tensors, optimizer, scaler and RNG states; returns its step."""
+    load_trained(parts, ckpt['parts'], path, vars(args))
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    if len(ckpt['rng']['torch']) != proc.world:
+        raise ValueError(f'{path} was written by {len(ckpt["rng"]["torch"])} processes, not {proc.world}: '
+                         f'resume with the same number of processes')
+    torch.set_rng_state(ckpt['rng']['torch'][proc.rank])
+    if proc.device.type == 'cuda' and ckpt['rng'].get('cuda'):
+        torch.cuda.set_rng_state(ckpt['rng']['cuda'][proc.rank], proc.device)
+    return ckpt['step']
+
+
+def save_checkpoint(path: str, step: int, run_config: dict, parts, optimizer, scaler, proc: Process):
+    """ckpt.pt (to resume from) and, beside it, the prompt folder (what to share: no optimizer, no pickle)."""
+    rng_torch = [torch.get_rng_state()]
+    rng_cuda = [torch.cuda.get_rng_state(proc.device)] if proc.device.type == 'cuda' else []
+    if proc.ddp:  # every rank's RNG, so each continues its own stream
+        gathered = [None] * proc.world
+        dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
+        rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
+    if proc.master:
+        atomic_save({'config': run_config, 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
+        save_prompt(os.path.dirname(path), run_config, parts.state_dict())
+
+
+def announce(args, parts, run_config: dict, dataset, proc: Process, dtype, step: int):
+    print(json.dumps(vars(args), indent=1))
+    tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
+        parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
+    n_trainable, n_var = run_config['trainable_parameters'], run_config['var_parameters']
+    print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_var:.3f}% of the VAR\'s {n_var:,}); '
+          f'prompt tokens per scale: {tokens}')
+    print(f'data: {len(dataset):,} images; device {proc.device}, autocast {dtype}, world size {proc.world}'
+          + (f'; resuming at step {step}' if step else ''))
+
+
+def start_log(out_dir: str, step: int) -> str:
+    """OUT_DIR/log.jsonl: a new run starts it empty; a resumed one drops the rows past its checkpoint."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if (row := log_row(line)) is not None and row['step'] <= step]
+        with open(path, 'w') as f:
+            f.writelines(kept)
+    return path
+
+
+def epoch_loader(dataset, args, step: int, steps_per_epoch: int, proc: Process):
+    """The batches of the epoch that `step` is in, from that step on: a resumed run sees the same batches."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    if hasattr(dataset, 'epoch'):
+        dataset.epoch = epoch
+    batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, proc.rank, proc.world)[offset:]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
+                                       num_workers=args.num_workers, persistent_workers=False,
+                                       worker_init_fn=ignore_interrupts,
+                                       generator=torch.Generator())  # not the global RNG: resume stays exact
+
+
+def stop_if_asked_or_broken(loss, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):
+    """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss exits and
+    leaves the last checkpoint as it was. Every process stops at the same step, or none does."""
+    status = torch.tensor([float(torch.isfinite(loss)), float(not interrupted)], device=proc.device)
+    if proc.ddp:
+        dist.all_reduce(status, op=dist.ReduceOp.MIN)
+    finite, going = status.tolist()
+    if finite and going:
+        return
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not going:  # this batch is not trained on
+        save(ckpt_path, step)
+    bar.close()
+    if proc.master and not going:
+        print(f'\ninterrupted at step {step}: saved {ckpt_path}; continue with the same command and --resume auto',
+              file=sys.stderr)
+    elif proc.master:
+        kept = f'the last good checkpoint {ckpt_path} is untouched' if os.path.isfile(ckpt_path) else 'no checkpoint was written'
+        print(f'\nerror: the loss is {loss.item()} at step {step + 1}; stopping ({kept})', file=sys.stderr)
+    end_process(proc, 130 if not going else 1)
+
+
+def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, lr: float, t0: float, bar):
+    row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()}, 'grad_norm': grad_norm.item(),
+           'lr': lr, 'time': round(time.time() - t0, 2)}
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
+
+
+def main(argv=None):
+    args = get_args(argv)
+    proc = setup_process(args)
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) or auto_dtype(proc.device)
+    autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    ckpt, resume_path = find_resume(args)
+    dataset = training_data(args)
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
-    vae, var, clip, parts = build_run(vars(args), device, need_clip=semantic_on)
+    vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
         init_text_projection(parts.text_cond, clip, var, dataset)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
@@ -562,127 +684,56 @@ def main(argv=None):
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     forward_var = torch.compile(var) if args.compile else var
-    trainable = [p for p in parts.parameters()]
+    trainable = list(parts.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = 0
-    if ckpt is not None:
-        load_trained(parts, ckpt['parts'], resume_path, vars(args))
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
-        if len(ckpt['rng']['torch']) != world:
-            raise ValueError(f'{resume_path} was written by {len(ckpt["rng"]["torch"])} processes, not {world}: '
-                             f'resume with the same number of processes')
-        torch.set_rng_state(ckpt['rng']['torch'][rank])
-        if device.type == 'cuda' and ckpt['rng'].get('cuda'):
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank], device)
-    model = torch.nn.parallel.DistributedDataParallel(parts, device_ids=[device.index] if device.type == 'cuda' else None) \
-        if ddp else parts
-    n_trainable = sum(p.numel() for p in trainable)
-    n_var = sum(p.numel() for p in var.parameters())  # the backbone's own (LoRA pairs are not the VAR's parameters)
-    run_config = {**vars(args), 'trainable_parameters': n_trainable, 'var_parameters': n_var}  # the prompt folder's
-    if master:
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=dtype == torch.float16)
+    step = restore(ckpt, resume_path, parts, optimizer, scaler, proc, args) if ckpt is not None else 0
+    model = torch.nn.parallel.DistributedDataParallel(
+        parts, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None) if proc.ddp else parts
+    run_config = {**vars(args), 'trainable_parameters': sum(p.numel() for p in trainable),  # the prompt folder's
+                  'var_parameters': sum(p.numel() for p in var.parameters())}  # (LoRA pairs are not the VAR's)
+    steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, proc.world))
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {proc.world} processes')
+    if proc.master:
         os.makedirs(args.out_dir, exist_ok=True)
         write_config(run_config, os.path.join(args.out_dir, CONFIG_FILE))
-        print(json.dumps(vars(args), indent=1))
-        tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
-            parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
-        print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_var:.3f}% of the VAR\'s {n_var:,}); '
-              f'prompt tokens per scale: {tokens}')
-        print(f'data: {len(dataset):,} images; device {device}, autocast {dtype}, world size {world}'
-              + (f'; resuming at step {step}' if step else ''))
-
+        announce(args, parts, run_config, dataset, proc, dtype, step)
+        log_path = start_log(args.out_dir, step)
+    save = lambda path, at_step: save_checkpoint(path, at_step, run_config, parts, optimizer, scaler, proc)
     lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
-
-    def save(path):
-        rng_torch = [torch.get_rng_state()]
-        rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == 'cuda' else []
-        if ddp:  # every rank's RNG, so each continues its own stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
-            rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
-        if master:
-            atomic_save({'config': run_config, 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
-            save_prompt(os.path.dirname(path), run_config, parts.state_dict())  # what to share: no optimizer, no pickle
-
-    steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, world))
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes')
-    log_path = os.path.join(args.out_dir, 'log.jsonl')
-    if master and os.path.exists(log_path):  # a new run starts an empty log; a resumed one drops rows past its checkpoint
-        with open(log_path) as f:
-            kept = [line for line in f if (row := log_row(line)) is not None and row['step'] <= step]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
-    sample_labels = torch.arange(min(8, var.num_classes), device=device)
-    sample_texts = [dataset[i][3] for i in range(min(8, len(dataset)))]
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    sample_conditions = dict(texts=[dataset[i][3] for i in range(min(8, len(dataset)))]) if args.t2i else \
+        dict(labels=torch.arange(min(8, var.num_classes), device=proc.device))
+    bar = tqdm(total=args.max_steps, initial=step, disable=not proc.master, dynamic_ncols=True)
     t0 = time.time()
-    with stop_on_interrupt() as interrupted:  # Ctrl-C: the loop saves and stops at the next step
+    # Ctrl-C: the loop saves and stops at the next step; an error ends the progress bar's line before it is printed
+    with bar, stop_on_interrupt() as interrupted:
         while step < args.max_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            if hasattr(dataset, 'epoch'):
-                dataset.epoch = epoch
-            batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, rank, world)[offset:]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
-                                                 num_workers=args.num_workers, persistent_workers=False,
-                                                 worker_init_fn=ignore_interrupts,
-                                                 generator=torch.Generator())  # not the global RNG: resume stays exact
-            for images, labels, sentences, captions in loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            for images, labels, sentences, captions in epoch_loader(dataset, args, step, steps_per_epoch, proc):
+                images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
                 idx, x_BLCv = teacher_forcing(vae, images)
                 text_feats = clip.encode_text(captions) if args.t2i else None
                 loss, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
                                         args.cond_drop, first_scale_fixed, autocast, forward_var)
-                status = torch.tensor([float(torch.isfinite(loss)), float(not interrupted)], device=device)
-                if ddp:  # every process stops at the same step, or none does
-                    dist.all_reduce(status, op=dist.ReduceOp.MIN)
-                finite, going = status.tolist()
-                if not going:  # Ctrl-C: this batch is not trained on; the state after the last step is saved
-                    save(os.path.join(args.out_dir, 'ckpt.pt'))
-                    bar.close()
-                    if master:
-                        print(f'\ninterrupted at step {step}: saved {os.path.join(args.out_dir, "ckpt.pt")}; continue with '
-                              f'the same command and --resume auto', file=sys.stderr)
-                    if ddp:
-                        dist.destroy_process_group()
-                    sys.exit(130)
-                if not finite:
-                    bar.close()
-                    if master:
-                        kept = os.path.join(args.out_dir, 'ckpt.pt')
-                        kept = f'the last good checkpoint {kept} is untouched' if os.path.isfile(kept) else 'no checkpoint was written'
-                        print(f'\nerror: the loss is {loss.item()} at step {step + 1}; stopping ({kept})', file=sys.stderr)
-                    if ddp:
-                        dist.destroy_process_group()
-                    sys.exit(1)
+                stop_if_asked_or_broken(loss, interrupted, step, args.out_dir, proc, save, bar)
                 for group in optimizer.param_groups:
                     group['lr'] = lr_at(step)
                 grad_norm = optimizer_step(loss, optimizer, scaler, trainable, args.grad_clip)
                 step += 1
-                if master and (step % args.log_every == 0 or step == args.max_steps):
-                    row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
-                           'grad_norm': grad_norm.item(), 'lr': lr_at(step - 1), 'time': round(time.time() - t0, 2)}
-                    with open(log_path, 'a') as f:
-                        f.write(json.dumps(row) + '\n')
-                    bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
                 bar.update(1)
-                if args.sample_every and step % args.sample_every == 0 and master:
-                    images_out = generate_images(vae, var, parts, clip, labels=None if args.t2i else sample_labels,
-                                                 texts=sample_texts if args.t2i else None, seed=args.seed)
-                    save_grid(images_out, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))
+                if proc.master and (step % args.log_every == 0 or step == args.max_steps):
+                    log_step(log_path, step, loss, losses, grad_norm, lr_at(step - 1), t0, bar)
+                if proc.master and args.sample_every and step % args.sample_every == 0:
+                    grid = generate_images(vae, var, parts, clip, seed=args.seed, **sample_conditions)
+                    save_grid(grid, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))
                 if step % args.ckpt_every == 0 or step == args.max_steps:
-                    save(os.path.join(args.out_dir, 'ckpt.pt'))
+                    save(os.path.join(args.out_dir, 'ckpt.pt'), step)
                 if step >= args.max_steps:
                     break
-    bar.close()
-    if master:
+    if proc.master:
         plot_losses(log_path, os.path.join(args.out_dir, 'losses.png'))
         print(f'done: {step} steps in {time.time() - t0:.1f}s; checkpoint {os.path.join(args.out_dir, "ckpt.pt")}')
-    if ddp:
-        dist.destroy_process_group()
+    end_process(proc)
 
 
 def error_line(error: BaseException) -> str:
