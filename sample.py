@@ -106,13 +106,13 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     check_args(args)
-    cfg, vae, var, clip, parts = load_models(args, device)
-    if args.no_prompt and cfg.get('prompt') in ('lora', 'full'):
-        raise ValueError(f'--no_prompt: {args.ckpt} was trained with --prompt {cfg["prompt"]}, which changes the VAR '
-                         f'itself; sample the plain backbone with --backbone {cfg["backbone"]} instead')
-    if args.text is not None and not cfg['t2i']:
+    config, vae, var, clip, parts = load_models(args, device)
+    if args.no_prompt and config.get('prompt') in ('lora', 'full'):
+        raise ValueError(f'--no_prompt: {args.ckpt} was trained with --prompt {config["prompt"]}, which changes the VAR '
+                         f'itself; sample the plain backbone with --backbone {config["backbone"]} instead')
+    if args.text is not None and not config['t2i']:
         raise ValueError(f'{args.ckpt} is a class-to-image checkpoint: use --class_id, or a checkpoint from train.py --t2i')
-    if (args.class_id is not None or args.eval_npz) and cfg['t2i']:
+    if (args.class_id is not None or args.eval_npz) and config['t2i']:
         raise ValueError(f'{args.ckpt} is a text-to-image checkpoint: use --text')
     settings = dict(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, use_prompt=not args.no_prompt and bool(args.ckpt))
 

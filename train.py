@@ -155,29 +155,29 @@ class TunedParts(nn.Module):
         return (None if is_prefix else prompt_out), (prompt_out if is_prefix else None), cond
 
 
-def build_run(cfg: dict, device, need_clip: bool):
+def build_run(config: dict, device, need_clip: bool):
     """Backbone (frozen), trainable parts and, when needed, CLIP, all from a run config (a dict of train.py's flags)."""
-    vae, var = load_backbone(cfg['backbone'], cfg['depth'], cfg.get('cache_dir'), device)
+    vae, var = load_backbone(config['backbone'], config['depth'], config.get('cache_dir'), device)
     prompt = lora = tuned_var = None
-    if cfg['prompt'] in ('mvp', 'prefilled'):
-        frame = FramePrompt(var.patch_nums, var.width, cfg['tau'], cfg['placement'], cfg['first_scale'] == 'on',
-                            cfg['placement_seed'])
-        prompt = frame if cfg['prompt'] == 'mvp' else PrefilledPrompt(len(frame.index), var.width)  # same token budget
+    if config['prompt'] in ('mvp', 'prefilled'):
+        frame = FramePrompt(var.patch_nums, var.width, config['tau'], config['placement'], config['first_scale'] == 'on',
+                            config['placement_seed'])
+        prompt = frame if config['prompt'] == 'mvp' else PrefilledPrompt(len(frame.index), var.width)  # same token budget
     clip = None
-    if need_clip or cfg['t2i']:
-        clip_model = cfg['clip_model']
+    if need_clip or config['t2i']:
+        clip_model = config['clip_model']
         if clip_model is None:
-            local = os.path.join(cfg['backbone'], 'clip')
+            local = os.path.join(config['backbone'], 'clip')
             clip_model = local if os.path.isdir(local) else DEFAULT_CLIP[0]
-        clip = FrozenClip(*load_clip(clip_model, cfg['clip_pretrained'], device)).to(device)
-    text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width) if cfg['t2i'] else None
+        clip = FrozenClip(*load_clip(clip_model, config['clip_pretrained'], device)).to(device)
+    text_cond = TextCondition(clip.encode_text(['']).shape[1], var.width) if config['t2i'] else None
     for frozen in (vae, var, clip):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
-    if cfg['prompt'] == 'lora':  # after loading the backbone: the wrapped layers' state-dict keys change (baselines.py)
-        lora = make_lora(var, cfg.get('lora_rank', 8))
+    if config['prompt'] == 'lora':  # after loading the backbone: the wrapped layers' state-dict keys change (baselines.py)
+        lora = make_lora(var, config.get('lora_rank', 8))
         attach_lora(var, lora)
-    elif cfg['prompt'] == 'full':  # the VAR transformer trains (kept in eval mode, as in prompt tuning)
+    elif config['prompt'] == 'full':  # the VAR transformer trains (kept in eval mode, as in prompt tuning)
         tuned_var = var.requires_grad_(True)
     return vae, var, clip, TunedParts(prompt, text_cond, lora, tuned_var).to(device)
 
@@ -346,45 +346,45 @@ def read_run(path: str) -> Tuple[dict, dict, str]:
         raise FileNotFoundError(f'no checkpoint, prompt folder or Hugging Face repo at {path}')
     try:
         with open(config_path) as f:
-            cfg = json.load(f)
+            config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f'{config_path} is not a readable JSON file ({type(e).__name__})') from None
-    missing = [k for k in ARCHITECTURE_KEYS + ('clip_model', 'clip_pretrained') if k not in cfg]
+    missing = [k for k in ARCHITECTURE_KEYS + ('clip_model', 'clip_pretrained') if k not in config]
     if missing:
         raise ValueError(f'{config_path} does not say {", ".join(missing)}: not the config of an MVP prompt')
     try:
         state = load_file(tensors_path)
     except Exception as e:
         raise ValueError(f'{tensors_path} is not a readable safetensors file ({type(e).__name__})') from None
-    return cfg, state, tensors_path
+    return config, state, tensors_path
 
 
-def load_trained(parts: TunedParts, state: dict, source: str, cfg: dict):
+def load_trained(parts: TunedParts, state: dict, source: str, config: dict):
     """parts.load_state_dict(strict=True); tensors trained for another backbone or other settings are one line
     naming the file and the setting."""
     kinds = ('a class-to-image run', 'a text-to-image run (--t2i)')
     text = any(k.startswith('text_cond.') for k in state)
-    if text != bool(cfg['t2i']):
-        raise ValueError(f'{source} holds the tensors of {kinds[text]}, not of {kinds[bool(cfg["t2i"])]}')
+    if text != bool(config['t2i']):
+        raise ValueError(f'{source} holds the tensors of {kinds[text]}, not of {kinds[bool(config["t2i"])]}')
     expected = parts.state_dict()
-    backbone = f'--backbone {cfg["backbone"]} --depth {cfg["depth"]}'
+    backbone = f'--backbone {config["backbone"]} --depth {config["depth"]}'
     if set(state) != set(expected):
         other = sorted(set(state) ^ set(expected))
-        raise ValueError(f'{source} does not fit --prompt {cfg["prompt"]} on {backbone} ({len(other)} tensors differ, '
+        raise ValueError(f'{source} does not fit --prompt {config["prompt"]} on {backbone} ({len(other)} tensors differ, '
                          f'e.g. {other[0]}): it was trained with another --prompt or backbone')
     for k, v in expected.items():
         file_shape = tuple(state[k].shape)
         if file_shape == tuple(v.shape):
             continue
         if k.startswith('prompt.') and len(file_shape) != v.dim():  # MVP's (N, C) tokens, the prefilled (1, P, C)
-            setting = f'--prompt than --prompt {cfg["prompt"]}'
+            setting = f'--prompt than --prompt {config["prompt"]}'
         elif k.startswith('prompt.') and file_shape[-1] == v.shape[-1]:  # the number of prompt tokens
-            setting = f'--tau, --placement or --first_scale than --tau {cfg["tau"]} --placement {cfg["placement"]} ' \
-                      f'--first_scale {cfg["first_scale"]}'
+            setting = f'--tau, --placement or --first_scale than --tau {config["tau"]} --placement {config["placement"]} ' \
+                      f'--first_scale {config["first_scale"]}'
         elif k.startswith('lora.'):
-            setting = f'--lora_rank or backbone than --lora_rank {cfg.get("lora_rank")} {backbone}'
+            setting = f'--lora_rank or backbone than --lora_rank {config.get("lora_rank")} {backbone}'
         elif k.startswith('text_cond.'):
-            setting = f'backbone or CLIP than {backbone} --clip_model {cfg["clip_model"]}'
+            setting = f'backbone or CLIP than {backbone} --clip_model {config["clip_model"]}'
         else:
             setting = f'backbone (of another width) than {backbone}'
         raise ValueError(f'{source} does not fit the model of its settings: {k} is {file_shape} in the file, '
@@ -405,10 +405,10 @@ def load_run(path: str, device='cpu', need_clip: bool = False, cache_dir: Option
     """Rebuild a trained run from a training checkpoint, a prompt folder or a Hugging Face repo id:
     (config, vae, var, clip or None, trained parts). cache_dir: where the released weights are (default: the
     run's own --cache_dir, else $MVP_CACHE or the Hugging Face cache)."""
-    cfg, state, source = read_run(path)
-    vae, var, clip, parts = build_run({**cfg, 'cache_dir': cache_dir or cfg.get('cache_dir')}, device, need_clip)
-    load_trained(parts, state, source, cfg)
-    return cfg, vae, var, clip, parts.eval()
+    config, state, source = read_run(path)
+    vae, var, clip, parts = build_run({**config, 'cache_dir': cache_dir or config.get('cache_dir')}, device, need_clip)
+    load_trained(parts, state, source, config)
+    return config, vae, var, clip, parts.eval()
 
 
 # -----------------------------------------------------------------------------
