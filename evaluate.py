@@ -18,11 +18,13 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import shapes
+from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
-from pretrained import load_backbone
-from train import build_dataset, build_run, generate_images, init_text_projection, load_run, to_uint8
+from pretrained import load_backbone, load_clip
+from train import build_dataset, build_run, collate, generate_images, init_text_projection, load_run, to_uint8
 
 
 def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:
@@ -46,18 +48,18 @@ def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
 @torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu') -> dict:
-    cfg, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
-    classifier = shapes.load_shape_classifier(cfg['backbone'])
-    features = ClipFeatures(pretrained=os.path.join(cfg['backbone'], 'clip'), device=device)
+    config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
+    classifier = shapes.load_shape_classifier(config['backbone'])
+    features = ClipFeatures(pretrained=os.path.join(config['backbone'], 'clip'), device=device)
     reference_items = shapes.make_split('test', max(per_class * var.num_classes, n_texts), seed)
     reference = np.stack([shapes.render(a, vae.image_size) for a in reference_items])
     reference_stats = feature_statistics(features.images(reference))
     results = {}
-    if not cfg['t2i']:
+    if not config['t2i']:
         labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
         # LoRA and full fine-tuning change the VAR itself: their "before" is a fresh copy of the backbone
-        plain = var if cfg['prompt'] in ('mvp', 'prefilled') else load_backbone(cfg['backbone'], cfg['depth'],
-                                                                                 cfg.get('cache_dir'), device)[1]
+        plain = var if config['prompt'] in ('mvp', 'prefilled') else load_backbone(config['backbone'], config['depth'],
+                                                                                 config.get('cache_dir'), device)[1]
         for name, model, tuned in (('before', plain, None), ('after', var, parts)):
             images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
                                                 seed=seed + i) for i in range(0, len(labels), 100)])
@@ -68,10 +70,10 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
         return results
     items = reference_items[:n_texts]
     captions = [shapes.caption(a) for a in items]
-    _, plain, _, untrained = build_run(cfg, device, need_clip=False)  # the same run's modules, before any step:
+    _, plain, _, untrained = build_run(config, device, need_clip=False)  # the same run's modules, before any step:
     if untrained.prompt is not None:
         untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
-    run_dataset = build_dataset(argparse.Namespace(**cfg), vae.image_size)  # ... and the least-squares text projection,
+    run_dataset = build_dataset(argparse.Namespace(**config), vae.image_size)  # ... and the least-squares text projection,
     init_text_projection(untrained.text_cond, clip, plain, run_dataset)  # fitted on the run's own training texts
     for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
@@ -89,6 +91,50 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
     return results
 
 
+@torch.no_grad()
+def semantic_signal(backbone: str, batches: int = 4, batch_size: int = 16, seed: int = 0) -> str:
+    """Where the semantic loss's signal is lost (the README's table): the sentence loss on I_sen and the caption loss on
+    I_cap (Eq. 7-8) for training images, with I_sen and I_cap decoded from the real image, from its own tokens, and
+    from the backbone's teacher-forced predictions (no prompt) made differentiable in the ways train.py offers, and
+    how often CLIP names the class of I_sen. log(batch_size) is what a contrastive loss pays for guessing."""
+    vae, var = load_backbone(backbone)
+    clip = FrozenClip(*load_clip(os.path.join(backbone, 'clip')))
+    semantic = SemanticLoss(clip, vae)
+    dataset = shapes.ShapesDataset('train', 5000)
+    order = np.random.default_rng(seed).permutation(len(dataset))[:batches * batch_size]
+    class_texts = clip.encode_text([shapes.sentence(c) for c in range(var.num_classes)])
+    one_hot = lambda idx_BL: F.one_hot(idx_BL, vae.vocab_size).float() * 1e4  # logits whose softmax is exactly one-hot
+    rows = {}
+    for b in range(batches):
+        images, labels, sentences, captions = collate([dataset[int(i)] for i in order[b::batches]])
+        idx = vae.img_to_idx(images)
+        logits = var(var.class_emb(labels), vae.quantize.teacher_forcing_input(idx))  # (B, L, V)
+        own_first = idx[0]
+        decoded = {
+            'the real images': (images, images),
+            "the image's own tokens": semantic.decode_sen_cap(one_hot(torch.cat(idx, 1))),
+            'soft tokens, T = 1, predicted first map': semantic.decode_sen_cap(logits),
+            "soft tokens, T = 1, the image's own first map (train.py's choice, class-to-image)":
+                semantic.decode_sen_cap(logits, own_first),
+            "argmax tokens (a straight-through estimator's forward), own first map":
+                semantic.decode_sen_cap(one_hot(logits.argmax(-1)), own_first),
+        }
+        for name, (img_sen, img_cap) in decoded.items():
+            feats = clip.encode_image(img_sen)
+            row = rows.setdefault(name, {'sen': [], 'cap': [], 'named': []})
+            row['sen'].append(contrastive_loss(feats, clip.encode_text(sentences), sentences, clip.logit_scale()).item())
+            row['cap'].append(contrastive_loss(clip.encode_image(img_cap), clip.encode_text(captions), captions,
+                                               clip.logit_scale()).item())
+            row['named'].append(((feats @ class_texts.T).argmax(1) == labels).float().mean().item())
+    lines = [f'{batches} batches of {batch_size} training images, log({batch_size}) = {np.log(batch_size):.2f}; '
+             f'I_sen from scales 1..{semantic.kappa} of {len(vae.patch_nums)}',
+             '| I_sen and I_cap decoded from | sentence loss (I_sen) | CLIP names the class of I_sen | caption loss (I_cap) |',
+             '|---|---|---|---|']
+    for name, row in rows.items():
+        lines.append(f'| {name} | {np.mean(row["sen"]):.2f} | {100 * np.mean(row["named"]):.0f}% | {np.mean(row["cap"]):.2f} |')
+    return '\n'.join(lines)
+
+
 def format_results(results: dict) -> str:
     """A markdown table, each figure as value ± its standard error where it has one."""
     keys = [k for k in results['before'] if not k.endswith('_se')]
@@ -101,13 +147,20 @@ def format_results(results: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Evaluate an MVP run on the shapes world (before vs after tuning).')
-    p.add_argument('--ckpt', required=True, help='a checkpoint of train.py run on a shapes backbone')
+    p.add_argument('--ckpt', help='a checkpoint of train.py run on a shapes backbone')
+    p.add_argument('--semantic_signal', metavar='BACKBONE', help='instead: the semantic loss on images decoded in '
+                   'several ways from a shapes backbone folder (the README\'s table)')
     p.add_argument('--per_class', type=int, default=20, help='class-to-image samples per class')
     p.add_argument('--n_texts', type=int, default=200, help='text-to-image: held-out captions')
     p.add_argument('--cfg', type=float, default=1.5)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='also write the results here')
     args = p.parse_args(argv)
+    if args.semantic_signal:
+        print(semantic_signal(args.semantic_signal, seed=args.seed))
+        return
+    if not args.ckpt:
+        p.error('--ckpt or --semantic_signal is required')
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg)
     print(format_results(results))
     if args.json:

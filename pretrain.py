@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import shapes
 from clip_loss import contrastive_loss
-from pretrained import load_backbone, save_backbone
-from train import atomic_save, generate_images, to_uint8
+from pretrained import load_backbone, save_backbone, write_json
+from train import atomic_save, generate_images, to_uint8, warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
 
@@ -60,10 +60,8 @@ def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def cosine_lr(step: int, total: int, lr: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+def cosine_lr(step: int, total: int, lr: float, warmup: int = 100) -> float:  # every stage decays to 5% of its lr
+    return warmup_cosine_lr(step, total, lr, warmup, min_ratio=0.05)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:  # images in [-1, 1] -> PSNR in dB on the [0, 1] scale
@@ -82,9 +80,7 @@ def write_report(out: str, stage: str, report: dict):
     if 'steps' not in report and os.path.isfile(path):
         with open(path) as f:
             report = {**{k: v for k, v in json.load(f).items() if k in ('steps', 'seconds')}, **report}
-    with open(path + '.part', 'w') as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + '.part', path)
+    write_json(path, report)
     print(f'[{stage}] report: {json.dumps(report)}', flush=True)
 
 
@@ -126,6 +122,15 @@ class Resumable:
 # -----------------------------------------------------------------------------
 
 
+def shape_weighted_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 reconstruction error with the shape's pixels weighted up (it covers 4-16% of the image), or the
+    background's error swamps its edges. The background is the median colour of the top and bottom rows."""
+    border = torch.cat((x[:, :, 0], x[:, :, -1]), dim=2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+    weight = 1 + 9 * ((x - border).abs().amax(dim=1, keepdim=True) > 0.2).float()  # (B, 1, H, W)
+    error = (rec - x).abs() + (rec - x).square()
+    return (weight * error).mean() / weight.mean()
+
+
 def train_vqvae(args):
     torch.manual_seed(args.seed)
     device = args.device
@@ -140,11 +145,7 @@ def train_vqvae(args):
             g['lr'] = cosine_lr(step, steps, args.vae_lr)
         x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
         rec, vq_loss, idx = vae(x)
-        # weight the shape's pixels up (it covers 4-16% of the image), or the background's error swamps its edges
-        border = torch.cat((x[:, :, 0], x[:, :, -1]), dim=2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-        weight = 1 + 9 * ((x - border).abs().amax(dim=1, keepdim=True) > 0.2).float()  # (B, 1, H, W)
-        error = (rec - x).abs() + (rec - x).square()
-        loss = (weight * error).mean() / weight.mean() + vq_loss
+        loss = shape_weighted_error(rec, x) + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,6 +183,93 @@ def evaluate_vqvae(args) -> dict:
     if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
         classifier, labels = shapes.load_shape_classifier(out).to(device), torch.tensor([a['label'] for a in items])
         report['recon_shape_recognised'] = round((classifier(rec).argmax(1).cpu() == labels).float().mean().item(), 3)
+    return report
+
+
+def coarse_target(x: torch.Tensor, pn: int, downsample: int) -> torch.Tensor:
+    """The image at scale pn: area-downsampled to pn * downsample pixels a side (the pixels pn x pn tokens cover at the
+    last scale's density), bicubic back to full size. What a decoded partial sum f_hat_k should look like."""
+    small = F.adaptive_avg_pool2d(x, pn * downsample)
+    return F.interpolate(small, size=x.shape[-2:], mode='bicubic', align_corners=False).clamp(-1, 1)
+
+
+def train_decoder(args):
+    """Teach the frozen VQVAE's decoder to draw the partial sums f_hat_k (scales 1..k) as the image at scale k.
+
+    MVP's I_sen is Decoder(sum_{t <= kappa} Up(R_t)) (Eq. 7), an image that CLIP is to judge. The vqvae stage trains the
+    decoder on full sums only, and its partial sums decode to images that are not coarse versions of the image (wrong
+    backgrounds, colours from the shape's latents): the tiny CLIP names the class of the image's own tokens up to
+    kappa no better than chance. The encoder, quantizer and codebook stay frozen, so the tokens, and the VAR trained
+    on them, are unchanged; the full reconstruction keeps its own loss. The coarse targets are coarse_target()."""
+    torch.manual_seed(args.seed)
+    device = args.device
+    vae, var = load_backbone(args.out, device=device)
+    train_images = torch.as_tensor(rendered('train', args.n_train, args.seed)[0], device=device)
+    vae.requires_grad_(False)
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained, lr=args.decoder_lr, betas=(0.5, 0.9))
+    steps, B, t0 = args.decoder_steps, args.decoder_batch, time.time()
+    rng = np.random.default_rng(args.seed)
+    resume = Resumable(args.out, 'decoder', args.ckpt_every)
+    K = len(vae.patch_nums)
+    for step in range(resume.restore(vae, opt, rng), steps):
+        for g in opt.param_groups:
+            g['lr'] = cosine_lr(step, steps, args.decoder_lr, warmup=50)
+        x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
+        with torch.no_grad():
+            f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(x)).float())[1]  # K partial sums
+            scale_B = torch.from_numpy(rng.integers(0, K - 1, B)).to(device)  # one coarse scale per image
+            f_coarse = torch.stack([f_hats[k][b] for b, k in enumerate(scale_B.tolist())])
+            target = torch.stack([coarse_target(x[b:b + 1], vae.patch_nums[k], vae.downsample)[0]
+                                  for b, k in enumerate(scale_B.tolist())])
+        with autocast(device):
+            rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hats[-1], f_coarse)))).float().chunk(2)
+        full_loss = shape_weighted_error(rec, x)
+        coarse_loss = ((coarse - target).abs() + (coarse - target).square()).mean()
+        loss = full_loss + coarse_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.log_every == 0 or step == steps - 1:
+            log('decoder', step, steps, t0, full=full_loss.item(), coarse=coarse_loss.item(),
+                psnr=psnr(rec.clamp(-1, 1), x), coarse_psnr=psnr(coarse.clamp(-1, 1), target))
+        resume.maybe_save(step + 1, steps, vae, opt, rng)
+    save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, var.cpu(), VAR_KWARGS)
+    resume.finish()
+    write_report(args.out, 'decoder', {**evaluate_decoder(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+
+
+@torch.no_grad()
+def evaluate_decoder(args) -> dict:
+    """The saved VQVAE's partial sums on held-out renders: PSNR against the coarse targets at every scale, and how
+    often the tiny CLIP names the class of the image's own tokens up to kappa = floor(0.6 K) (MVP's I_sen scale)."""
+    from clip_loss import FrozenClip, inter_anchor
+    from pretrained import load_clip
+    out, device, n = args.out, args.device, args.gate_per_class * shapes.NUM_CLASSES
+    vae, _ = load_backbone(out, device=device)
+    images, items = rendered('test', n, args.seed)
+    x = to_input(images, device)
+    report = {'images': n}
+    kappa = inter_anchor(0.6, len(vae.patch_nums))
+    clip = FrozenClip(*load_clip(os.path.join(out, 'clip'), device=device)).to(device)
+    labels = torch.tensor([a['label'] for a in items], device=device)
+    sentences = clip.encode_text([shapes.sentence(c) for c in range(shapes.NUM_CLASSES)])
+    for k, pn in enumerate(vae.patch_nums):
+        decoded, target = [], []
+        for i in range(0, n, 100):
+            f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(x[i:i + 100])).float())[1]
+            decoded.append(vae.fhat_to_img(f_hats[k]))
+            target.append(coarse_target(x[i:i + 100], pn, vae.downsample))
+        decoded, target = torch.cat(decoded), torch.cat(target)
+        report[f'scale{k + 1}_psnr_db'] = round(psnr(decoded, target), 2)
+        if k + 1 == kappa:
+            named = (clip.encode_image(decoded) @ sentences.T).argmax(1) == labels
+            report['kappa'] = kappa
+            report['clip_names_class_at_kappa'] = round(named.float().mean().item(), 3)
+            blurred = (clip.encode_image(target) @ sentences.T).argmax(1) == labels
+            report['clip_names_class_of_target_at_kappa'] = round(blurred.float().mean().item(), 3)
     return report
 
 
@@ -353,7 +441,8 @@ def train_clip(args):
 @torch.no_grad()
 def evaluate_clip(args, n: int = 100) -> dict:
     """Top-1 image-to-caption retrieval among n held-out captions, with the saved (fp16-rounded) model."""
-    from clip_loss import FrozenClip, load_clip
+    from clip_loss import FrozenClip
+    from pretrained import load_clip
     clip = FrozenClip(*load_clip(os.path.join(args.out, 'clip')))
     images, items = rendered('test', n, args.seed + 2)
     sims = clip.encode_image(to_input(images)) @ clip.encode_text([shapes.caption(a) for a in items]).T  # (n, n)
@@ -361,7 +450,8 @@ def evaluate_clip(args, n: int = 100) -> dict:
 
 
 STAGES = {'classifier': (train_classifier, evaluate_classifier), 'clip': (train_clip, evaluate_clip),
-          'vqvae': (train_vqvae, evaluate_vqvae), 'var': (train_var, evaluate_var)}  # stage: (train, measure the gates)
+          'vqvae': (train_vqvae, evaluate_vqvae), 'decoder': (train_decoder, evaluate_decoder),
+          'var': (train_var, evaluate_var)}  # stage: (train, measure the gates)
 
 
 def main(argv=None):
@@ -373,6 +463,9 @@ def main(argv=None):
     p.add_argument('--vae_steps', type=int, default=8000)
     p.add_argument('--vae_batch', type=int, default=64)
     p.add_argument('--vae_lr', type=float, default=2e-3)
+    p.add_argument('--decoder_steps', type=int, default=800)
+    p.add_argument('--decoder_batch', type=int, default=32)
+    p.add_argument('--decoder_lr', type=float, default=3e-4)
     p.add_argument('--var_steps', type=int, default=6000)
     p.add_argument('--var_batch', type=int, default=256)
     p.add_argument('--var_lr', type=float, default=1e-3)
