@@ -7,16 +7,15 @@ import torch
 
 import pretrain
 import shapes
-from pretrained import load_clip
-from pretrained import load_backbone
+from pretrained import load_backbone, load_clip
 
 
 @pytest.fixture(scope='module')
 def pretrained_folder(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('backbone'))
-    pretrain.main(['--stage', 'all', '--out', out, '--n_train', '64', '--vae_steps', '3', '--var_steps', '3',
+    pretrain.main(['--stage', 'all', '--out', out, '--n_train', '64', '--vae_steps', '3', '--decoder_steps', '3', '--var_steps', '3',
                    '--clip_steps', '2', '--classifier_steps', '2', '--log_every', '1', '--gate_per_class', '2',
-                   '--vae_batch', '8', '--var_batch', '8', '--clip_batch', '16', '--device', 'cpu'])
+                   '--vae_batch', '8', '--decoder_batch', '4', '--var_batch', '8', '--clip_batch', '16', '--device', 'cpu'])
     return out
 
 
@@ -34,7 +33,10 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     assert var['fd_clip_samples'] > 0 and var['fd_clip_reconstructions'] > 0 and var['cfg'] == 1.5
     assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
-    assert all(report(pretrained_folder, s)['steps'] > 0 for s in ('vqvae', 'var', 'clip', 'classifier'))
+    decoder = report(pretrained_folder, 'decoder')
+    assert decoder['kappa'] == 4 and 0 <= decoder['clip_names_class_at_kappa'] <= 1
+    assert all(0 < decoder[f'scale{k}_psnr_db'] < 60 for k in range(1, len(pretrain.PATCH_NUMS) + 1))
+    assert all(report(pretrained_folder, s)['steps'] > 0 for s in ('vqvae', 'decoder', 'var', 'clip', 'classifier'))
 
 
 def test_written_models_load_strictly_and_run(pretrained_folder):
@@ -79,3 +81,17 @@ def test_evaluate_rewrites_a_report_from_the_saved_files(pretrained_folder):
     before = report(pretrained_folder, 'classifier')
     pretrain.main(['--stage', 'classifier', '--out', pretrained_folder, '--evaluate', '--device', 'cpu'])
     assert report(pretrained_folder, 'classifier') == before  # same files, same figures, training figures kept
+
+
+def test_the_decoder_stage_changes_the_decoder_alone(pretrained_folder, tmp_path):
+    """The tokens (encoder, quant_conv, codebook, phi) and the VAR trained on them stay as they were."""
+    import shutil
+    out = str(tmp_path / 'copy')
+    shutil.copytree(pretrained_folder, out)
+    before_vae, before_var = load_backbone(out)
+    pretrain.main(['--stage', 'decoder', '--out', out, '--n_train', '64', '--decoder_steps', '2', '--decoder_batch', '4',
+                   '--decoder_lr', '1e-2', '--gate_per_class', '2', '--device', 'cpu'])
+    after_vae, after_var = load_backbone(out)
+    changed = {k for k, v in after_vae.state_dict().items() if not torch.equal(v, before_vae.state_dict()[k])}
+    assert changed and all(k.startswith(('decoder.', 'post_quant_conv.')) for k in changed), sorted(changed)[:5]
+    assert all(torch.equal(v, before_var.state_dict()[k]) for k, v in after_var.state_dict().items())
