@@ -272,7 +272,7 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
     meaningful only in a fresh process that runs nothing else)."""
     from frame_prompt import FramePrompt
-    from train import TunedParts, auto_dtype, conditions, mvp_loss, optimizer_step, teacher_forcing
+    from model import TunedParts, auto_dtype, conditions, mvp_loss, optimizer_step, teacher_forcing
     device = torch.device(args.device)
     dtype = auto_dtype(device)  # as train.py's --dtype auto: bf16 on CUDA and on CPUs with fast bf16 matrix units
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -369,7 +369,7 @@ def training(args) -> Optional[List[dict]]:
     unknown = [v for v in variants if v not in TRAIN_VARIANTS]
     if unknown or not variants:
         raise SystemExit(f'error: unknown --variants {unknown}; choose from {", ".join(TRAIN_VARIANTS)}')
-    from train import auto_dtype
+    from model import auto_dtype
     dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
     print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
           f'patch_nums {TRAIN_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '

@@ -24,7 +24,8 @@ import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone, load_clip
-from train import build_dataset, build_run, collate, generate_images, init_text_projection, load_run, to_uint8
+from model import build_run, generate_images, init_text_projection, load_run, to_uint8
+from train import build_dataset, collate
 
 
 def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import shapes
 from clip_loss import contrastive_loss
 from pretrained import load_backbone, save_backbone, write_json
-from train import atomic_save, generate_images, to_uint8, warmup_cosine_lr
+from model import atomic_save, generate_images, to_uint8
+from train import warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
 

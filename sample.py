@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from pretrained import atomic_write, load_backbone
-from train import generate_images, load_run, save_grid, to_uint8
+from model import generate_images, load_run, save_grid, to_uint8
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
 

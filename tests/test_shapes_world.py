@@ -65,6 +65,7 @@ def test_quick_start_runs_end_to_end(tmp_path, monkeypatch):
     """The README's quick start, shortened to a few steps: MVP with both CLIP losses on the shipped backbone, then
     the before/after figures."""
     import evaluate
+    import model
     import train
     monkeypatch.chdir(os.path.dirname(os.path.dirname(ROOT)))
     out = str(tmp_path / 'quickstart')
@@ -75,14 +76,14 @@ def test_quick_start_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_text_projection_starts_captions_near_their_class_embedding():
-    """train.init_text_projection on the shipped VAR and CLIP: held-out captions land closest to their own class's
+    """model.init_text_projection on the shipped VAR and CLIP: held-out captions land closest to their own class's
     embedding far above chance (1 in 10), at the class embeddings' scale (fitted on sentences alone, they land ~5x
     farther out, where VAR draws noise)."""
     from clip_loss import FrozenClip
     from pretrained import load_clip
     from pretrained import load_backbone
     from text_condition import TextCondition
-    from train import init_text_projection
+    from model import init_text_projection
 
     _, var = load_backbone(ROOT)
     clip = FrozenClip(*load_clip(os.path.join(ROOT, 'clip')))

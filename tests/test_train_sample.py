@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import pretrained  # noqa: E402
 import sample  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 from conftest import offline_hub_env, write_hf_cache  # noqa: E402
 from pretrained import load_backbone, load_clip, save_backbone  # noqa: E402
@@ -101,7 +102,7 @@ def c2i_run(tiny_backbone, tmp_path_factory):
     argv = train_argv(tiny_backbone, out_dir, '--max_steps', 4, '--log_every', 2, '--ckpt_every', 2, '--sample_every', 2)
     hashes_before = file_hashes(tiny_backbone)
     captured = {}
-    real_build_run = train.build_run
+    real_build_run = model.build_run
 
     def build_run(*args, **kwargs):
         captured['models'] = real_build_run(*args, **kwargs)
@@ -208,7 +209,7 @@ def test_t2i_checkpoint(t2i_run):
     assert set(ckpt['parts']) == {'prompt.tokens', 'text_cond.proj.weight', 'text_cond.proj.bias'}
     assert ckpt['parts']['text_cond.proj.weight'].shape == (64, 32)  # tiny CLIP's 32-d text features -> width 64
     assert ckpt['parts']['prompt.tokens'].shape == (1 + 4 + 8 + 12, 64)
-    cfg, vae, var, clip, parts = train.load_run(os.path.join(t2i_run, 'ckpt.pt'))
+    cfg, vae, var, clip, parts = model.load_run(os.path.join(t2i_run, 'ckpt.pt'))
     assert parts.prompt.counts() == [1, 4, 8, 12]  # the first-scale prompt is on
     assert clip is not None
     rows = read_log(t2i_run)
@@ -668,10 +669,10 @@ def test_prompt_folder_round_trip(strong_prompt_run, tmp_path):
     assert set(tensors) == set(ckpt['parts']) and all(torch.equal(tensors[k], v) for k, v in ckpt['parts'].items())
     with open(os.path.join(strong_prompt_run, 'config.json')) as f:
         config = json.load(f)
-    assert {k: config[k] for k in train.ARCHITECTURE_KEYS} == {k: ckpt['config'][k] for k in train.ARCHITECTURE_KEYS}
+    assert {k: config[k] for k in model.ARCHITECTURE_KEYS} == {k: ckpt['config'][k] for k in model.ARCHITECTURE_KEYS}
     assert config['clip_pretrained'] == ckpt['config']['clip_pretrained'] and 'out_dir' not in config
 
-    train.export_prompt(os.path.join(strong_prompt_run, 'ckpt.pt'), str(tmp_path / 'exported'))
+    model.export_prompt(os.path.join(strong_prompt_run, 'ckpt.pt'), str(tmp_path / 'exported'))
     assert sorted(os.listdir(tmp_path / 'exported')) == ['config.json', 'prompt.safetensors']
     for name in ('config.json', 'prompt.safetensors'):
         with open(os.path.join(strong_prompt_run, name), 'rb') as a, open(tmp_path / 'exported' / name, 'rb') as b:
@@ -736,7 +737,7 @@ def test_checkpoint_holding_a_pickled_object_is_refused(strong_prompt_run, tmp_p
     path = tmp_path / 'evil.pt'
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r'evil\.pt holds a pickled .*open.*not a tensor'):
-        train.load_run(str(path))
+        model.load_run(str(path))
     result = run_cli(['sample.py', '--ckpt', path, '--class_id', 0, '--device', 'cpu', '--out', tmp_path / 'x.png'])
     assert_one_line_error(result, 'evil.pt', 'not a tensor')
     assert not marker.exists() and not (tmp_path / 'x.png').exists()
@@ -760,7 +761,7 @@ def prompt_copy(strong_prompt_run, tmp_path):
 def test_prompt_for_another_tau_is_one_line(prompt_copy):
     folder = prompt_copy(tau=8)
     with pytest.raises(ValueError) as info:
-        train.load_run(folder)
+        model.load_run(folder)
     msg = str(info.value)
     assert msg.startswith(os.path.join(folder, 'prompt.safetensors')) and '--tau 8' in msg and '\n' not in msg, msg
 
@@ -773,7 +774,7 @@ def test_prompt_for_another_backbone_is_one_line(prompt_copy, tmp_path):
     other = str(tmp_path / 'other_backbone')
     save_backbone(other, VQVAE(**vae_kwargs), vae_kwargs, VAR(**var_kwargs), var_kwargs)
     with pytest.raises(ValueError) as info:
-        train.load_run(prompt_copy(backbone=other))
+        model.load_run(prompt_copy(backbone=other))
     msg = str(info.value)
     assert 'prompt.safetensors' in msg and f'--backbone {other}' in msg and '(24, 64)' in msg and '(24, 32)' in msg, msg
 
@@ -786,7 +787,7 @@ def test_t2i_prompt_used_for_class_to_image_is_one_line(t2i_run, tmp_path):
     config = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps({**config, 't2i': False}))
     with pytest.raises(ValueError) as info:  # a config that says class-to-image beside a text-to-image prompt
-        train.load_run(str(folder))
+        model.load_run(str(folder))
     msg = str(info.value)
     assert msg.startswith(str(folder / 'prompt.safetensors')) and 'text-to-image run (--t2i)' in msg, msg
 
@@ -794,4 +795,4 @@ def test_t2i_prompt_used_for_class_to_image_is_one_line(t2i_run, tmp_path):
 def test_folder_without_prompt_file_is_one_line(tmp_path):
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(FileNotFoundError, match='prompt.safetensors'):
-        train.load_run(str(tmp_path))
+        model.load_run(str(tmp_path))
