@@ -21,6 +21,7 @@ decoder and the soft tokens into the prompts; every network stays frozen.
 CLIP is loaded by pretrained.load_clip, from open_clip by model name and pretrained tag, or from a local folder in
 open_clip's own `open_clip_config.json` + weights layout (the shapes world's tiny CLIP ships that way).
 """
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -69,7 +70,8 @@ class FrozenClip(nn.Module):
                 feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[:len(chunk)]  # (n, D)
                 self.text_cache.update(zip(chunk, feats))
         feats_BD = torch.stack([self.text_cache[t] for t in texts])
-        for oldest in list(self.text_cache)[:max(0, len(self.text_cache) - TEXT_CACHE_SIZE)]:
+        excess = len(self.text_cache) - TEXT_CACHE_SIZE
+        for oldest in list(itertools.islice(self.text_cache, max(0, excess))):  # a dict keeps insertion order
             del self.text_cache[oldest]
         return feats_BD
 

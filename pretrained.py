@@ -224,8 +224,6 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
     return model, tokenizer
 
 
-
-
 def backbone_spec(backbone: str = 'released', depth: int = 16) -> Tuple[int, int]:
     """(image size, number of classes) of a backbone, without building or loading it."""
     if backbone == 'released':

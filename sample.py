@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pretrained import atomic_write, load_backbone
 from model import generate_images, load_run, save_grid, to_uint8
+from pretrained import atomic_write, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
 
