@@ -89,16 +89,24 @@ def sampling_args(parser):
     parser.add_argument('--top_p', type=float, default=0.0)
 
 
-def tiny_backbone(device: torch.device, seed: int = 0):
-    """Random tiny VAR (depth 4, width 128, 4 heads, vocab 256, Cvae 16, 7 scales up to 8x8) + a matching 64px VQVAE."""
-    patch_nums = (1, 2, 3, 4, 5, 6, 8)
+TINY_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def open_gates(model: nn.Module, std: float = 0.02):
+    """Perturb every parameter: from-scratch init has VAR's residual gates at ~1e-5, a "trained-like" model has them open."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+
+
+def tiny_backbone(device: torch.device, seed: int = 0, **vqvae_channels):
+    """Random frozen tiny VAR (depth 4, width 128, 4 heads, vocab 256, Cvae 16, 7 scales up to 8x8), its gates open,
+    and a 64px VQVAE whose channels (ch, ch_mult, num_res_blocks) each benchmark sets."""
     torch.manual_seed(seed)
-    vae = VQVAE(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), patch_nums=patch_nums)
-    var = VAR(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=4, num_classes=10, patch_nums=patch_nums)
-    with torch.no_grad():  # open the residual gates (from-scratch init has them at ~1e-5): a "trained-like" model
-        for p in var.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return vae.to(device).eval(), var.to(device).eval()
+    vae = VQVAE(vocab_size=256, z_channels=16, patch_nums=TINY_PATCH_NUMS, **vqvae_channels)
+    var = VAR(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=4, num_classes=10, patch_nums=TINY_PATCH_NUMS)
+    open_gates(var)
+    return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
 
 
 def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync):
@@ -136,7 +144,7 @@ def sampling(args) -> List[dict]:
     """VAR sampling speed (tiny random model, 64px): images/s and per-scale time, KV cache on vs off."""
     device = torch.device(args.device)
     sync = synchronizer(device)
-    vae, var = tiny_backbone(device, args.seed)
+    vae, var = tiny_backbone(device, args.seed, ch=32, ch_mult=(1, 1, 2, 2))
     label = torch.arange(args.batch, device=device) % var.num_classes
     cond = var.class_condition(label).detach()
     print(f'sampling: batch {args.batch}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}; '
@@ -179,7 +187,6 @@ def sampling(args) -> List[dict]:
 # -----------------------------------------------------------------------------
 # training: the cost of one training step, MVP against other ways of tuning the same frozen VAR
 
-TRAIN_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
 TRAIN_VARIANTS = {  # name (for --variants) -> row label
     'frozen': 'frozen VAR, no prompt (grad to x_BLCv)',
     'mvp': 'MVP frame prompt, CE',
@@ -208,23 +215,6 @@ def training_args(parser):
                              'but on the CPU the peak memory is then n/a')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.set_defaults(repeats=10)
-
-
-def open_gates(model: nn.Module, std: float = 0.02):
-    """Perturb every parameter: from-scratch init has VAR's residual gates at ~1e-5, a "trained-like" model has them open."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-
-
-def training_backbone(device: torch.device, seed: int = 0):
-    """Random frozen VAR (depth 4, width 128, 4 heads, vocab 256, Cvae 16, scales up to 8x8) + 64px VQVAE
-    (ch 16, ch_mult (1, 2, 2, 4), one res block per level)."""
-    torch.manual_seed(seed)
-    vae = VQVAE(vocab_size=256, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=TRAIN_PATCH_NUMS)
-    var = VAR(vocab_size=256, z_channels=16, depth=4, width=128, num_heads=4, num_classes=10, patch_nums=TRAIN_PATCH_NUMS)
-    open_gates(var)
-    return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
 
 
 def current_rss() -> Optional[int]:
@@ -278,7 +268,7 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = synchronizer(device)
-    vae, var = training_backbone(device, args.seed)
+    vae, var = tiny_backbone(device, args.seed, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
     gen = torch.Generator().manual_seed(args.seed)
     images = (torch.rand(args.batch, 3, vae.image_size, vae.image_size, generator=gen) * 2 - 1).to(device)
     labels = (torch.arange(args.batch) % var.num_classes).to(device)
@@ -372,7 +362,7 @@ def training(args) -> Optional[List[dict]]:
     from model import auto_dtype
     dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
     print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
-          f'patch_nums {TRAIN_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '
+          f'patch_nums {TINY_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '
           f'{"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
           f'{args.warmup} warm-up steps + median of {args.repeats}')
     results = {}

@@ -24,7 +24,7 @@ import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone, load_clip
-from model import build_run, generate_images, init_text_projection, load_run, to_uint8
+from model import build_run, generate_images, init_text_projection, load_run, save_grid, to_uint8
 from train import build_dataset, collate
 
 
@@ -136,6 +136,17 @@ def semantic_signal(backbone: str, batches: int = 4, batch_size: int = 16, seed:
     return '\n'.join(lines)
 
 
+@torch.no_grad()
+def partial_sums_figure(backbone: str, path: str, n: int = 8):
+    """A PNG: n held-out renders (top row) and, below, the image decoded from its own tokens up to scale 1, 2, ..., K
+    (the last row is the VQVAE's reconstruction): what I_sen and I_cap look like when the predictions are exact."""
+    vae, _ = load_backbone(backbone)
+    images = torch.stack([shapes.to_tensor(shapes.render(a, vae.image_size)) for a in shapes.make_split('test', n)])
+    f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(images)).float())[1]  # K partial sums
+    rows = [images] + [vae.fhat_to_img(f_hat) for f_hat in f_hats]
+    save_grid(torch.cat(rows).add(1).mul(0.5), path, nrow=n)
+
+
 def format_results(results: dict) -> str:
     """A markdown table, each figure as value ± its standard error where it has one."""
     keys = [k for k in results['before'] if not k.endswith('_se')]
@@ -151,6 +162,8 @@ def main(argv=None):
     p.add_argument('--ckpt', help='a checkpoint of train.py run on a shapes backbone')
     p.add_argument('--semantic_signal', metavar='BACKBONE', help='instead: the semantic loss on images decoded in '
                    'several ways from a shapes backbone folder (the README\'s table)')
+    p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '
+                   'decoded from their own tokens up to every scale')
     p.add_argument('--per_class', type=int, default=20, help='class-to-image samples per class')
     p.add_argument('--n_texts', type=int, default=200, help='text-to-image: held-out captions')
     p.add_argument('--cfg', type=float, default=1.5)
@@ -160,8 +173,12 @@ def main(argv=None):
     if args.semantic_signal:
         print(semantic_signal(args.semantic_signal, seed=args.seed))
         return
+    if args.partial_sums:
+        partial_sums_figure(*args.partial_sums)
+        print(f'wrote {args.partial_sums[1]}')
+        return
     if not args.ckpt:
-        p.error('--ckpt or --semantic_signal is required')
+        p.error('--ckpt, --semantic_signal or --partial_sums is required')
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg)
     print(format_results(results))
     if args.json:

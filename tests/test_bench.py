@@ -80,7 +80,7 @@ def test_training_fresh_process_measures_memory():
 def test_lora_wrapper_reaches_both_layers():
     """B = 0: exactly the base model; B != 0: the output moves, and every A and B gets a gradient (mat_qkv is read
     through .weight by var.py, proj through its forward: both paths must carry the low-rank term)."""
-    vae, var = bench.training_backbone(torch.device('cpu'))
+    vae, var = bench.tiny_backbone(torch.device('cpu'), ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
     cond = var.class_emb(torch.arange(2))
     x = torch.randn(2, var.L - 1, var.Cvae)
     with torch.no_grad():
