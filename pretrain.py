@@ -321,22 +321,25 @@ def train_var(args):
 def evaluate_var(args) -> dict:
     """The saved (fp16-rounded) VAR's gates at evaluate.py's sampling settings."""
     vae, var = load_backbone(args.out, device=args.device)
-    return class_recognised(vae, var, args.out, args.device, args.gate_per_class, with_fd=True, cfg=args.cfg)
+    return class_recognised(vae, var, args.out, args.device, args.gate_per_class, with_fd=True, cfg=args.cfg,
+                            top_k=args.top_k, top_p=args.top_p)
 
 
 @torch.no_grad()
-def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: bool = False, cfg: float = 1.5) -> dict:
-    """Class-conditional samples at evaluate.py's and sample.py's settings (train.generate_images): the fraction the
+def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: bool = False, cfg: float = 1.5,
+                     top_k: int = 900, top_p: float = 0.96) -> dict:
+    """Class-conditional samples at evaluate.py's and sample.py's settings (model.generate_images): the fraction the
     shape classifier names as their class; with_fd, also FD_clip of the samples and of VQVAE reconstructions, both
     against as many held-out renders (the reconstructions' FD is the floor the tokens set)."""
     from evaluate import fd_clip
     from fid import ClipFeatures, feature_statistics
     classifier = shapes.load_shape_classifier(out).to(device)
     labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
-    images = torch.cat([generate_images(vae, var, None, None, labels=labels[i:i + 250], cfg_scale=cfg, seed=i)
+    images = torch.cat([generate_images(vae, var, None, None, labels=labels[i:i + 250], cfg_scale=cfg, top_k=top_k,
+                                        top_p=top_p, seed=i)
                         for i in range(0, len(labels), 250)])  # (N, 3, H, W) in [0, 1]
     recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().mean().item()
-    report = {'class_recognised': round(recognised, 3), 'samples': len(labels), 'cfg': cfg}
+    report = {'class_recognised': round(recognised, 3), 'samples': len(labels), 'cfg': cfg, 'top_k': top_k, 'top_p': top_p}
     if with_fd:
         features = ClipFeatures(pretrained=os.path.join(out, 'clip'), device=device)
         reference = rendered('test', len(labels), 1)[0]  # held out, and not the renders reconstructed below
@@ -472,6 +475,8 @@ def main(argv=None):
     p.add_argument('--var_lr', type=float, default=1e-3)
     p.add_argument('--gate_per_class', type=int, default=100, help='held-out images (VQVAE) and samples (VAR) per class for the gates')
     p.add_argument('--cfg', type=float, default=1.5, help='guidance of the VAR gates\' samples (evaluate.py\'s default)')
+    p.add_argument('--top_k', type=int, default=900, help='top-k of the VAR gates\' samples (evaluate.py\'s default)')
+    p.add_argument('--top_p', type=float, default=0.96, help='top-p of the VAR gates\' samples (evaluate.py\'s default)')
     p.add_argument('--clip_steps', type=int, default=3000)
     p.add_argument('--clip_batch', type=int, default=256)
     p.add_argument('--clip_lr', type=float, default=1e-3)
