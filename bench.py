@@ -303,14 +303,16 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     def step() -> float:
         """train.py's step (its own functions, autocast and grad scaler included) without the data loader; returns
         the time the VQVAE encoding finished. The frozen VAR has no step in train.py (nothing trains): the same
-        forward in fp32, and a backward to its input, as the floor every tuning method pays."""
+        forward under the same autocast, and a backward to its input, as the floor every tuning method pays."""
         idx, x_BLCv = teacher_forcing(vae, images)
         sync()
         t_encoded = time.perf_counter()
         if variant == 'frozen':
             x_BLCv.requires_grad_(True)
-            logits = var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
-            F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1)).backward()
+            with autocast:
+                logits = var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
+                ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+            ce.backward()
             return t_encoded
         loss, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, False, autocast)
         optimizer_step(loss, optimizer, scaler, trainable, 1.0)
@@ -392,7 +394,7 @@ def training(args) -> Optional[List[dict]]:
     notes = [f'Step: what train.py does per batch minus data loading: VQVAE encoding without grad (median '
              f'{1e3 * median(r["encode"] for r in results.values()):.1f} ms of every row), forward, loss, backward, '
              f'gradient clipping and an AdamW step over the trainable parameters, as train.py runs them '
-             f'(train.teacher_forcing, train.mvp_loss, train.optimizer_step) under train.py\'s autocast.']
+             f'(model.teacher_forcing, model.mvp_loss, model.optimizer_step) under train.py\'s autocast.']
     if 'frozen' in results:
         notes.append(f'Frozen row: nothing trains and there is no optimizer step; the backward pass runs to the input '
                      f'x_BLCv (the VQVAE teacher-forcing input, made to require grad: {first["input_grad_values"]:,} '
