@@ -563,6 +563,19 @@ def test_sample_out_under_a_file_fails_before_sampling(tmp_path):
     assert_one_line_error(result, '--out', 'cannot create the folder')
 
 
+def test_sample_into_a_folder_that_refuses_writes_fails_before_sampling(tmp_path, monkeypatch):
+    """Permission bits do not stop root (these tests may run as root), so the refusal is simulated where sample.py
+    probes the folder with a real write."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(sample.tempfile, 'TemporaryFile', refuse)
+    with pytest.raises(ValueError) as error:
+        sample.main(['--device', 'cpu', '--class_id', '0', '--out', str(tmp_path / 'x.png')])
+    message = str(error.value)
+    assert '\n' not in message and '--out' in message and 'cannot write into' in message and 'Permission denied' in message
+    assert not (tmp_path / 'x.png').exists()
+
+
 def test_sample_per_image_names_stay_apart(t2i_run, tmp_path):
     texts = [CAPTION + ' with a long tail ' + 'x' * 60 + ' one', CAPTION + ' with a long tail ' + 'x' * 60 + ' two']
     sample.main(['--ckpt', t2i_run, '--text', texts[0], '--text', texts[1], '--n', '2', '--out', str(tmp_path / 'g.png'),
