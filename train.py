@@ -126,7 +126,7 @@ def check_args(args):
 def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap')):
     """A small line plot of the logged losses, one panel per loss (no plotting library needed)."""
     with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for line in f if (row := log_row(line)) is not None]
     keys = [k for k in keys if any(k in r for r in rows)]
     if not rows or not keys:
         return
@@ -151,10 +151,8 @@ def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'))
     img.save(png_path)
 
 
-
-
-
 # -----------------------------------------------------------------------------
+# data, and the loop's plumbing
 
 
 def build_dataset(args, image_size: int):
