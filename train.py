@@ -335,26 +335,38 @@ def epoch_loader(dataset, args, step: int, steps_per_epoch: int, proc: Process):
                                        generator=torch.Generator())  # not the global RNG: resume stays exact
 
 
-def stop_if_asked_or_broken(loss, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):
-    """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss exits and
-    leaves the last checkpoint as it was. Every process stops at the same step, or none does."""
-    status = torch.tensor([float(torch.isfinite(loss)), float(not interrupted)], device=proc.device)
+def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
+    """Record, on the device and without waiting for it, the first step whose loss is not finite and that loss:
+    watch_2 = (step or -1, loss). Reading it back syncs the host with the GPU, so the loop does that only where it
+    must (check_stop)."""
+    new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss.detach().float())
+    watch_2.copy_(torch.where(new_bad, torch.stack((torch.tensor(step + 1.0, device=loss.device), loss.detach().float())),
+                              watch_2))
+
+
+def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):
+    """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss at this or any
+    step since the last check exits and leaves the last checkpoint as it was (the loop checks before every update
+    that is logged or checkpointed, so no bad step is ever saved). Every process stops at the same step, or none does."""
+    status = torch.stack(((watch_2[0] < 0).float(), torch.tensor(float(not interrupted), device=watch_2.device)))
     if proc.ddp:
         dist.all_reduce(status, op=dist.ReduceOp.MIN)
     finite, going = status.tolist()
     if finite and going:
         return
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not going:  # this batch is not trained on
+    if finite:  # interrupted: this batch is not trained on
         save(ckpt_path, step)
     bar.close()
-    if proc.master and not going:
+    if proc.master and finite:
         print(f'\ninterrupted at step {step}: saved {ckpt_path}; continue with the same command and --resume auto',
               file=sys.stderr)
     elif proc.master:
         kept = f'the last good checkpoint {ckpt_path} is untouched' if os.path.isfile(ckpt_path) else 'no checkpoint was written'
-        print(f'\nerror: the loss is {loss.item()} at step {step + 1}; stopping ({kept})', file=sys.stderr)
-    end_process(proc, 130 if not going else 1)
+        bad_step, bad_loss = watch_2.tolist()
+        where = f'the loss is {bad_loss} at step {int(bad_step)}' if bad_step > 0 else 'another process\'s loss is not finite'
+        print(f'\nerror: {where}; stopping ({kept})', file=sys.stderr)
+    end_process(proc, 1 if not finite else 130)
 
 
 def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, lr: float, t0: float, bar):
@@ -401,6 +413,8 @@ def main(argv=None):
     lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
     sample_conditions = dict(texts=[dataset[i][3] for i in range(min(8, len(dataset)))]) if args.t2i else \
         dict(labels=torch.arange(min(8, var.num_classes), device=proc.device))
+    watch_2 = torch.tensor([-1.0, 0.0], device=proc.device)  # (first non-finite step or -1, its loss)
+    check_every = [args.log_every, args.ckpt_every] + ([args.sample_every] if args.sample_every else [])
     bar = tqdm(total=args.max_steps, initial=step, disable=not proc.master, dynamic_ncols=True)
     t0 = time.time()
     # Ctrl-C: the loop saves and stops at the next step; an error ends the progress bar's line before it is printed
@@ -412,7 +426,10 @@ def main(argv=None):
                 text_feats = clip.encode_text(captions) if args.t2i else None
                 loss, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
                                         args.cond_drop, first_scale_fixed, autocast, forward_var)
-                stop_if_asked_or_broken(loss, interrupted, step, args.out_dir, proc, save, bar)
+                watch_loss(watch_2, loss, step)
+                if proc.ddp or interrupted or any((step + 1) % every == 0 for every in check_every) \
+                        or step + 1 == args.max_steps:  # else no host-GPU sync here
+                    check_stop(watch_2, interrupted, step, args.out_dir, proc, save, bar)
                 for group in optimizer.param_groups:
                     group['lr'] = lr_at(step)
                 grad_norm = optimizer_step(loss, optimizer, scaler, trainable, args.grad_clip)

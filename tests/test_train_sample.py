@@ -543,6 +543,22 @@ def test_torn_log_line_does_not_block_a_resume(nan_run, tmp_path):
     assert [r['step'] for r in read_log(out_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_nan_between_checks_is_caught_before_the_next_checkpoint(tiny_backbone, tmp_path):
+    """The loop reads the loss back from the device only before a logged or checkpointed update: a NaN at step 3
+    (nothing logged, checkpoints at 2 and 4) poisons the prompt, and the check before step 4's checkpoint stops the
+    run, naming step 3, with step 2's checkpoint as it was."""
+    wrapper = tmp_path / 'nan_wrapper.py'
+    wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
+    out_dir = tmp_path / 'run'
+    argv = train_argv(tiny_backbone, out_dir, *NO_SEMANTIC, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 100,
+                      '--sample_every', 0)
+    result = run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL='3'))
+    assert_one_line_error(result, 'nan', 'at step 3', 'is untouched')
+    assert sorted(name for name in os.listdir(out_dir) if 'saved_at' in name) == ['ckpt.pt.saved_at_step2']
+    ckpt = load_ckpt(out_dir / 'ckpt.pt')
+    assert ckpt['step'] == 2 and torch.isfinite(ckpt['parts']['prompt.tokens']).all()
+
+
 def test_nan_at_the_first_step_says_no_checkpoint_was_written(tiny_backbone, tmp_path):
     wrapper = tmp_path / 'nan_wrapper.py'
     wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
