@@ -209,7 +209,7 @@ def read_run(path: str) -> Tuple[dict, dict, str]:
         for file in (config_path, tensors_path):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f'{path} has no {os.path.basename(file)}: a prompt folder holds {CONFIG_FILE} and '
-                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, train.export_prompt makes '
+                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, model.export_prompt makes '
                                         f'them from one)')
     elif is_repo_id(path):
         advice = (f'if {path} is meant as a local path, it does not exist; else download the repo\'s {CONFIG_FILE} and '
