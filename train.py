@@ -263,14 +263,17 @@ def find_resume(args) -> Tuple[Optional[dict], Optional[str]]:
     return ckpt, path
 
 
-def training_data(args):
-    """The dataset, checked against the backbone before anything heavy is built."""
+def training_data(args, world: int):
+    """The dataset and its steps per epoch, checked against the backbone before anything heavy is built."""
     image_size, num_classes = backbone_spec(args.backbone, args.depth)
     dataset = build_dataset(args, image_size)
     if not args.t2i and len(dataset.class_names) > num_classes:  # class ids past the backbone's are not classes
         raise ValueError(f'--data {args.data} has {len(dataset.class_names)} classes, but the backbone\'s VAR knows '
                          f'{num_classes} (MVP trains no class embeddings): use --t2i, where captions replace classes')
-    return dataset
+    steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, world))
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes')
+    return dataset, steps_per_epoch
 
 
 def restore(ckpt: dict, path: str, parts, optimizer, scaler, proc: Process, args) -> int:
@@ -310,6 +313,19 @@ def announce(args, parts, run_config: dict, dataset, proc: Process, dtype, step:
           f'prompt tokens per scale: {tokens}')
     print(f'data: {len(dataset):,} images; device {proc.device}, autocast {dtype}, world size {proc.world}'
           + (f'; resuming at step {step}' if step else ''))
+
+
+def start_run(args, parts, var, dataset, proc: Process, dtype, step: int) -> Tuple[dict, Optional[str]]:
+    """The run's config (its flags and trainable-parameter count, as its prompt folder records them), written to
+    OUT_DIR/config.json with a summary printed, and the log to append to (the first process's alone)."""
+    run_config = {**vars(args), 'trainable_parameters': sum(p.numel() for p in parts.parameters()),
+                  'var_parameters': sum(p.numel() for p in var.parameters())}  # (LoRA pairs are not the VAR's)
+    if not proc.master:
+        return run_config, None
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_config(run_config, os.path.join(args.out_dir, CONFIG_FILE))
+    announce(args, parts, run_config, dataset, proc, dtype, step)
+    return run_config, start_log(args.out_dir, step)
 
 
 def start_log(out_dir: str, step: int) -> str:
@@ -383,7 +399,7 @@ def main(argv=None):
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) or auto_dtype(proc.device)
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     ckpt, resume_path = find_resume(args)
-    dataset = training_data(args)
+    dataset, steps_per_epoch = training_data(args, proc.world)
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
@@ -399,16 +415,7 @@ def main(argv=None):
     step = restore(ckpt, resume_path, parts, optimizer, scaler, proc, args) if ckpt is not None else 0
     model = torch.nn.parallel.DistributedDataParallel(
         parts, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None) if proc.ddp else parts
-    run_config = {**vars(args), 'trainable_parameters': sum(p.numel() for p in trainable),  # the prompt folder's
-                  'var_parameters': sum(p.numel() for p in var.parameters())}  # (LoRA pairs are not the VAR's)
-    steps_per_epoch = len(batches_of_epoch(len(dataset), args.batch_size, 0, args.seed, 0, proc.world))
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(dataset)} images cannot fill one batch of {args.batch_size} x {proc.world} processes')
-    if proc.master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_config(run_config, os.path.join(args.out_dir, CONFIG_FILE))
-        announce(args, parts, run_config, dataset, proc, dtype, step)
-        log_path = start_log(args.out_dir, step)
+    run_config, log_path = start_run(args, parts, var, dataset, proc, dtype, step)
     save = lambda path, at_step: save_checkpoint(path, at_step, run_config, parts, optimizer, scaler, proc)
     lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
     sample_conditions = dict(texts=[dataset[i][3] for i in range(min(8, len(dataset)))]) if args.t2i else \
