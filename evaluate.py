@@ -24,7 +24,7 @@ import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone, load_clip
-from model import build_run, generate_images, init_text_projection, load_run, save_grid, to_uint8
+from model import DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, to_uint8
 from train import build_dataset, collate
 
 
@@ -48,7 +48,7 @@ def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
 
 @torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
-                 device='cpu') -> dict:
+                 device='cpu', dtype=torch.float32) -> dict:
     config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
     classifier = shapes.load_shape_classifier(config['backbone'])
     features = ClipFeatures(pretrained=os.path.join(config['backbone'], 'clip'), device=device)
@@ -63,7 +63,7 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
                                                                                  config.get('cache_dir'), device)[1]
         for name, model, tuned in (('before', plain, None), ('after', var, parts)):
             images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
-                                                seed=seed + i) for i in range(0, len(labels), 100)])
+                                                seed=seed + i, dtype=dtype) for i in range(0, len(labels), 100)])
             recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().cpu().numpy()
             fd, fd_se = fd_clip_with_se(features, to_uint8(images), reference_stats, seed=seed)
             accuracy, accuracy_se = mean_with_se(recognised)
@@ -78,7 +78,7 @@ def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int =
     init_text_projection(untrained.text_cond, clip, plain, run_dataset)  # fitted on the run's own training texts
     for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
-                                            seed=seed + i) for i in range(0, len(captions), 50)])
+                                            seed=seed + i, dtype=dtype) for i in range(0, len(captions), 50)])
         arrays = to_uint8(images)
         fd, fd_se = fd_clip_with_se(features, arrays, reference_stats, seed=seed)
         row = {'FD_clip': fd, 'FD_clip_se': fd_se}
@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument('--per_class', type=int, default=20, help='class-to-image samples per class')
     p.add_argument('--n_texts', type=int, default=200, help='text-to-image: held-out captions')
     p.add_argument('--cfg', type=float, default=1.5)
+    p.add_argument('--dtype', default='fp32', choices=('fp32', 'bf16'), help='autocast dtype of sampling (the '
+                   'README\'s figures: fp32)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='also write the results here')
     args = p.parse_args(argv)
@@ -179,7 +181,7 @@ def main(argv=None):
         return
     if not args.ckpt:
         p.error('--ckpt, --semantic_signal or --partial_sums is required')
-    results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg)
+    results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg, dtype=DTYPES[args.dtype])
     print(format_results(results))
     if args.json:
         with open(args.json, 'w') as f:

@@ -97,6 +97,9 @@ def init_text_projection(text_cond: TextCondition, clip: FrozenClip, var, datase
     text_cond.init_least_squares(feats, var.class_emb(labels))
 
 
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --dtype's values, less 'auto'
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fp16 where bf16 is missing); on the CPU bf16 where oneDNN has bf16 matrix kernels (AVX512-BF16 or
     AMX: a 1.3x faster shapes-world step here), else fp32."""
@@ -115,18 +118,23 @@ def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
 
 @torch.no_grad()
 def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
-                    use_prompt=True):
+                    use_prompt=True, dtype=torch.float32):
     """Images in [0, 1] (B, 3, H, W) for class labels or (text-to-image) texts; use_prompt=False: without the prompt
-    (the plain VAR for MVP and prefilled runs; LoRA and full fine-tuning change the VAR itself, so not for those)."""
+    (the plain VAR for MVP and prefilled runs; LoRA and full fine-tuning change the VAR itself, so not for those).
+    dtype: the transformer blocks and the VQVAE decoder under autocast to it (embeddings, head and sampling stay fp32,
+    as var.py keeps them); fp32 is the official code's function, bit for bit."""
     prompt_map = prefix = text_cond = None
     if parts is not None:  # None: the plain VAR, nothing trained
         prompt_map, prefix, text_cond = parts(clip.encode_text(texts) if texts is not None else None)
     cond = text_cond if texts is not None else var.class_emb(labels)
     if not use_prompt:
         prompt_map = prefix = None
-    idx = var.generate(vae, cond, cfg=cfg_scale, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed,
-                       prompt_1LC=prompt_map, prefix_1PC=prefix)
-    return vae.idx_to_img(idx).add(1).mul(0.5).clamp(0, 1)
+    device_type = cond.device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        idx = var.generate(vae, cond, cfg=cfg_scale, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed,
+                           prompt_1LC=prompt_map, prefix_1PC=prefix)
+        images = vae.idx_to_img(idx)
+    return images.float().add(1).mul(0.5).clamp(0, 1)
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import generate_images, load_run, save_grid, to_uint8
+from model import DTYPES, auto_dtype, generate_images, load_run, save_grid, to_uint8
 from pretrained import atomic_write, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
@@ -56,6 +56,9 @@ def get_args(argv=None):
     p.add_argument('--num_classes', type=int, default=None, help='evaluation mode: the first N classes (default: all)')
     p.add_argument('--batch_size', type=int, default=25)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='auto', choices=('auto', 'fp32', 'bf16', 'fp16'),
+                   help='autocast dtype of sampling; auto: bf16 on CUDA and on CPUs with fast bf16 matrix units, else '
+                        'fp32 (fp32: the official code\'s samples, bit for bit)')
     return p.parse_args(argv)
 
 
@@ -114,7 +117,9 @@ def main(argv=None):
         raise ValueError(f'{args.ckpt} is a class-to-image checkpoint: use --class_id, or a checkpoint from train.py --t2i')
     if (args.class_id is not None or args.eval_npz) and config['t2i']:
         raise ValueError(f'{args.ckpt} is a text-to-image checkpoint: use --text')
-    settings = dict(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, use_prompt=not args.no_prompt and bool(args.ckpt))
+    dtype = DTYPES.get(args.dtype) or auto_dtype(device)
+    settings = dict(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, use_prompt=not args.no_prompt and bool(args.ckpt),
+                    dtype=dtype)
 
     if args.eval_npz:
         num_classes = args.num_classes or var.num_classes

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from clip_loss import SemanticLoss
 from frame_prompt import PLACEMENTS, FramePrompt
-from model import (CONFIG_FILE, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
+from model import (CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
                    init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, save_grid, save_prompt,
                    teacher_forcing, write_config)
 from pretrained import DEFAULT_CLIP, backbone_spec
@@ -396,7 +396,7 @@ def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, lr: float,
 def main(argv=None):
     args = get_args(argv)
     proc = setup_process(args)
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) or auto_dtype(proc.device)
+    dtype = DTYPES.get(args.dtype) or auto_dtype(proc.device)
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     ckpt, resume_path = find_resume(args)
     dataset, steps_per_epoch = training_data(args, proc.world)
