@@ -4,9 +4,7 @@ The baselines MVP is compared with, kept apart from the method's files: the pref
 (also in bench.py's training benchmark). Full fine-tuning, Table 3's other baseline, needs no code of its own:
 train.py unfreezes the VAR.
 
-LoRA
-
-Every block's attn.mat_qkv and attn.proj get a trainable low-rank update: W -> W + (alpha / r) B A, with
+LoRA: every block's attn.mat_qkv and attn.proj get a trainable low-rank update: W -> W + (alpha / r) B A, with
 A (r, in) initialised as nn.Linear's weight and B (out, r) at zero, so before the first step the model is
 exactly the frozen VAR.
 
@@ -39,7 +37,6 @@ class PrefilledPrompt(nn.Module):
 
     def forward(self) -> torch.Tensor:  # (1, P, C)
         return self.tokens
-
 
 
 class LoRAPair(nn.Module):
