@@ -547,12 +547,8 @@ def test_nan_between_checks_is_caught_before_the_next_checkpoint(tiny_backbone, 
     """The loop reads the loss back from the device only before a logged or checkpointed update: a NaN at step 3
     (nothing logged, checkpoints at 2 and 4) poisons the prompt, and the check before step 4's checkpoint stops the
     run, naming step 3, with step 2's checkpoint as it was."""
-    wrapper = tmp_path / 'nan_wrapper.py'
-    wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
     out_dir = tmp_path / 'run'
-    argv = train_argv(tiny_backbone, out_dir, *NO_SEMANTIC, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 100,
-                      '--sample_every', 0)
-    result = run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL='3'))
+    result, _ = run_with_nan(tiny_backbone, tmp_path, out_dir, 3, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 100)
     assert_one_line_error(result, 'nan', 'at step 3', 'is untouched')
     assert sorted(name for name in os.listdir(out_dir) if 'saved_at' in name) == ['ckpt.pt.saved_at_step2']
     ckpt = load_ckpt(out_dir / 'ckpt.pt')
@@ -560,10 +556,7 @@ def test_nan_between_checks_is_caught_before_the_next_checkpoint(tiny_backbone, 
 
 
 def test_nan_at_the_first_step_says_no_checkpoint_was_written(tiny_backbone, tmp_path):
-    wrapper = tmp_path / 'nan_wrapper.py'
-    wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
-    argv = train_argv(tiny_backbone, tmp_path / 'run', *NO_SEMANTIC, '--max_steps', 3, '--sample_every', 0)
-    result = run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL='1'))
+    result, _ = run_with_nan(tiny_backbone, tmp_path, tmp_path / 'run', 1, '--max_steps', 3)
     assert_one_line_error(result, 'nan', 'step 1', 'no checkpoint was written')
     assert not (tmp_path / 'run' / 'ckpt.pt').exists()
 
@@ -644,13 +637,17 @@ train.main(sys.argv[1:])
 def nan_run(tiny_backbone, tmp_path_factory):
     """Checkpoints every 2 steps; the 4th step's loss is NaN: it stops after step 3, the checkpoint is step 2's."""
     tmp = tmp_path_factory.mktemp('nan')
+    out_dir = tmp / 'run'
+    result, argv = run_with_nan(tiny_backbone, tmp, out_dir, 4, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 1)
+    return dict(result=result, out_dir=out_dir, argv=argv)
+
+
+def run_with_nan(backbone, tmp, out_dir, nan_from: int, *flags):
+    """train.py through NAN_WRAPPER: the nan_from-th training loss and every one after it are NaN."""
     wrapper = tmp / 'nan_wrapper.py'
     wrapper.write_text(NAN_WRAPPER.format(root=ROOT))
-    out_dir = tmp / 'run'
-    argv = train_argv(tiny_backbone, out_dir, *NO_SEMANTIC, '--max_steps', 6, '--ckpt_every', 2, '--log_every', 1,
-                      '--sample_every', 0)
-    result = run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL='4'))
-    return dict(result=result, out_dir=out_dir, argv=argv)
+    argv = train_argv(backbone, out_dir, *NO_SEMANTIC, *flags, '--sample_every', 0)
+    return run_cli([wrapper, *argv], env=dict(NAN_FROM_CALL=str(nan_from))), argv
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(nan_run):
