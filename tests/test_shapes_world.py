@@ -65,7 +65,6 @@ def test_quick_start_runs_end_to_end(tmp_path, monkeypatch):
     """The README's quick start, shortened to a few steps: MVP with both CLIP losses on the shipped backbone, then
     the before/after figures."""
     import evaluate
-    import model
     import train
     monkeypatch.chdir(os.path.dirname(os.path.dirname(ROOT)))
     out = str(tmp_path / 'quickstart')
