@@ -142,8 +142,7 @@ def partial_sums_figure(backbone: str, path: str, n: int = 8):
     (the last row is the VQVAE's reconstruction): what I_sen and I_cap look like when the predictions are exact."""
     vae, _ = load_backbone(backbone)
     images = torch.stack([shapes.to_tensor(shapes.render(a, vae.image_size)) for a in shapes.make_split('test', n)])
-    f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(images)).float())[1]  # K partial sums
-    rows = [images] + [vae.fhat_to_img(f_hat) for f_hat in f_hats]
+    rows = [images] + [vae.fhat_to_img(f_hat) for f_hat in vae.img_to_partial_sums(images)]
     save_grid(torch.cat(rows).add(1).mul(0.5), path, nrow=n)
 
 

@@ -129,8 +129,7 @@ def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.
     cond = text_cond if texts is not None else var.class_emb(labels)
     if not use_prompt:
         prompt_map = prefix = None
-    device_type = cond.device.type
-    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(cond.device.type, dtype=dtype, enabled=dtype != torch.float32):
         idx = var.generate(vae, cond, cfg=cfg_scale, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed,
                            prompt_1LC=prompt_map, prefix_1PC=prefix)
         images = vae.idx_to_img(idx)

@@ -220,9 +220,9 @@ def train_decoder(args):
             g['lr'] = cosine_lr(step, steps, args.decoder_lr, warmup=50)
         x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
         with torch.no_grad():
-            f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(x)).float())[1]  # K partial sums
+            f_hats = vae.img_to_partial_sums(x)  # K partial sums
             scale_B = torch.from_numpy(rng.integers(0, K - 1, B)).to(device)  # one coarse scale per image
-            f_coarse = torch.stack([f_hats[k][b] for b, k in enumerate(scale_B.tolist())])
+            f_coarse = torch.stack(f_hats[:-1])[scale_B, torch.arange(B, device=device)]  # (B, Cvae, h, w)
             target = torch.stack([coarse_target(x[b:b + 1], vae.patch_nums[k], vae.downsample)[0]
                                   for b, k in enumerate(scale_B.tolist())])
         with autocast(device):
@@ -257,13 +257,10 @@ def evaluate_decoder(args) -> dict:
     clip = FrozenClip(*load_clip(os.path.join(out, 'clip'), device=device)).to(device)
     labels = torch.tensor([a['label'] for a in items], device=device)
     sentences = clip.encode_text([shapes.sentence(c) for c in range(shapes.NUM_CLASSES)])
-    for k, pn in enumerate(vae.patch_nums):
-        decoded, target = [], []
-        for i in range(0, n, 100):
-            f_hats = vae.quantize.residual_quantize(vae.quant_conv(vae.encoder(x[i:i + 100])).float())[1]
-            decoded.append(vae.fhat_to_img(f_hats[k]))
-            target.append(coarse_target(x[i:i + 100], pn, vae.downsample))
-        decoded, target = torch.cat(decoded), torch.cat(target)
+    f_hats = [torch.cat(per_scale) for per_scale in zip(*(vae.img_to_partial_sums(x[i:i + 100]) for i in range(0, n, 100)))]
+    for k, (pn, f_hat) in enumerate(zip(vae.patch_nums, f_hats)):
+        decoded = torch.cat([vae.fhat_to_img(f_hat[i:i + 100]) for i in range(0, n, 100)])
+        target = coarse_target(x, pn, vae.downsample)
         report[f'scale{k + 1}_psnr_db'] = round(psnr(decoded, target), 2)
         if k + 1 == kappa:
             named = (clip.encode_image(decoded) @ sentences.T).argmax(1) == labels

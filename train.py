@@ -299,9 +299,10 @@ def save_checkpoint(path: str, step: int, run_config: dict, parts, optimizer, sc
         dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
         rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
     if proc.master:
-        atomic_save({'config': run_config, 'step': step, 'parts': parts.state_dict(), 'optimizer': optimizer.state_dict(),
+        trained = parts.state_dict()
+        atomic_save({'config': run_config, 'step': step, 'parts': trained, 'optimizer': optimizer.state_dict(),
                      'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
-        save_prompt(os.path.dirname(path), run_config, parts.state_dict())
+        save_prompt(os.path.dirname(path), run_config, trained)
 
 
 def announce(args, parts, run_config: dict, dataset, proc: Process, dtype, step: int):
@@ -355,9 +356,10 @@ def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
     """Record, on the device and without waiting for it, the first step whose loss is not finite and that loss:
     watch_2 = (step or -1, loss). Reading it back syncs the host with the GPU, so the loop does that only where it
     must (check_stop)."""
-    new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss.detach().float())
-    watch_2.copy_(torch.where(new_bad, torch.stack((torch.tensor(step + 1.0, device=loss.device), loss.detach().float())),
-                              watch_2))
+    loss = loss.detach().float()
+    new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss)
+    watch_2[0] = torch.where(new_bad, float(step + 1), watch_2[0])  # a Python scalar: no host-to-device copy
+    watch_2[1] = torch.where(new_bad, loss, watch_2[1])
 
 
 def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):

@@ -324,7 +324,12 @@ class VQVAE(nn.Module):
         return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list))
 
     @torch.no_grad()
+    def img_to_partial_sums(self, img_B3HW: torch.Tensor) -> List[torch.Tensor]:
+        """Image in [-1, 1] -> f_hat after scales 1..k for every k = 1..K, each (B, Cvae, H/f, W/f): the last is the
+        whole quantized image, the earlier ones what decoding only the coarse scales sees (MVP's I_sen)."""
+        return self.quantize.residual_quantize(self.quant_conv(self.encoder(img_B3HW)).float())[1]
+
+    @torch.no_grad()
     def reconstruct(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Image -> quantized -> image, all in [-1, 1]."""
-        f_hat = self.quantize.residual_quantize(self.quant_conv(self.encoder(img_B3HW)).float())[1][-1]
-        return self.fhat_to_img(f_hat)
+        return self.fhat_to_img(self.img_to_partial_sums(img_B3HW)[-1])
