@@ -87,6 +87,15 @@ def sampling_args(parser):
     parser.add_argument('--cfg', type=float, default=1.5)
     parser.add_argument('--top_k', type=int, default=0)
     parser.add_argument('--top_p', type=float, default=0.0)
+    parser.add_argument('--depth', type=int, default=0, help='0: a tiny random VAR at 64 px; 16, 20, 24, 30, 36: the '
+                                                             'released architecture with random weights (no download)')
+    parser.add_argument('--dtype', choices=('auto', 'fp32', 'bf16'), default='auto',
+                        help='as sample.py: autocast of the blocks and the decoder; auto: bf16 on CUDA and on CPUs with '
+                             'fast bf16 matrix units, else fp32')
+    parser.add_argument('--kv', choices=('both', 'on'), default='both', help='time the KV cache on and off, or on only')
+    parser.add_argument('--official', default=None, metavar='PATH',
+                        help='a checkout of FoundationVision/VAR: also time its sampler on the same weights, in this '
+                             'process (fp32, as it runs)')
 
 
 TINY_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
@@ -109,8 +118,30 @@ def tiny_backbone(device: torch.device, seed: int = 0, **vqvae_channels):
     return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
 
 
-def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync):
-    """One sampling run: (seconds per scale, seconds of all scales, seconds of VQVAE decoding, tokens)."""
+def official_sampler(path: str, vae: VQVAE, var: VAR):
+    """The official VQVAE + VAR (a FoundationVision/VAR checkout at path, imported from there) holding our models'
+    weights (the same state dict layout, loaded strictly): its sampler, images in [0, 1], as a function of
+    (labels, seed, args)."""
+    if not os.path.isfile(os.path.join(path, 'models', 'var.py')):
+        raise SystemExit(f'error: --official {path}: not a checkout of FoundationVision/VAR (no models/var.py)')
+    sys.path.insert(0, os.path.abspath(path))
+    from models.var import VAR as OfficialVAR
+    from models.vqvae import VQVAE as OfficialVQVAE
+    o_vae = OfficialVQVAE(vocab_size=vae.vocab_size, z_channels=vae.Cvae, ch=vae.encoder.conv_in.out_channels,
+                          test_mode=True, share_quant_resi=4, v_patch_nums=vae.patch_nums)
+    o_var = OfficialVAR(vae_local=o_vae, num_classes=var.num_classes, depth=var.depth, embed_dim=var.width,
+                        num_heads=var.num_heads, norm_eps=1e-6, shared_aln=var.shared_aln, cond_drop_rate=0.1,
+                        attn_l2_norm=True, patch_nums=var.patch_nums, flash_if_available=False, fused_if_available=False)
+    o_vae.load_state_dict(vae.state_dict(), strict=True)
+    o_var.load_state_dict(var.state_dict(), strict=True)
+    o_var = o_var.to(next(var.parameters()).device).eval()
+    return lambda labels, seed, args: o_var.autoregressive_infer_cfg(len(labels), labels, g_seed=seed, cfg=args.cfg,
+                                                                      top_k=args.top_k, top_p=args.top_p)
+
+
+def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, dtype=torch.float32):
+    """One sampling run under autocast to dtype (sample.py's): (seconds per scale, seconds of all scales, seconds of
+    VQVAE decoding, tokens, images in [0, 1])."""
     quant = vae.quantize
     marks = []
     original = quant.next_autoregressive_input  # called once at the end of every scale: a timestamp per scale
@@ -122,65 +153,115 @@ def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync):
         return out
 
     quant.next_autoregressive_input = hooked  # on this instance only
+    autocast = torch.autocast(cond_BD.device.type, dtype=dtype, enabled=dtype != torch.float32)
     try:
         sync()
         t0 = time.perf_counter()
-        idx = var.generate(vae, cond_BD, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           use_kv_cache=use_kv_cache)
+        with autocast:
+            idx = var.generate(vae, cond_BD, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               use_kv_cache=use_kv_cache)
         sync()
         t1 = time.perf_counter()
     finally:
         del quant.next_autoregressive_input
-    with torch.no_grad():
-        vae.idx_to_img(idx)
+    with torch.no_grad(), autocast:
+        images = vae.idx_to_img(idx).float().add(1).mul(0.5)
     sync()
     t2 = time.perf_counter()
     per_scale = [b - a for a, b in zip([t0] + marks[:-1], marks)]
-    return per_scale, t1 - t0, t2 - t1, idx
+    return per_scale, t1 - t0, t2 - t1, idx, images
 
 
 @benchmark(add_args=sampling_args)
 def sampling(args) -> List[dict]:
-    """VAR sampling speed (tiny random model, 64px): images/s and per-scale time, KV cache on vs off."""
+    """VAR sampling speed (tiny random model at 64 px, or --depth): images/s and per-scale time, KV cache on vs off."""
+    from model import DTYPES, auto_dtype
     device = torch.device(args.device)
     sync = synchronizer(device)
-    vae, var = tiny_backbone(device, args.seed, ch=32, ch_mult=(1, 1, 2, 2))
+    dtype = DTYPES.get(args.dtype) or auto_dtype(device)
+    if args.official and not args.depth:  # the official VQVAE has the released channel multipliers only
+        raise SystemExit('error: --official needs --depth (a released architecture)')
+    if args.depth:
+        vae, var = released_backbone(device, args.depth, args.seed)
+    else:
+        vae, var = tiny_backbone(device, args.seed, ch=32, ch_mult=(1, 1, 2, 2))
     label = torch.arange(args.batch, device=device) % var.num_classes
     cond = var.class_condition(label).detach()
-    print(f'sampling: batch {args.batch}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}; '
-          f'VAR depth {var.depth} width {var.width}, vocab {var.vocab_size}, patch_nums {var.patch_nums} '
-          f'(L={var.L}), VQVAE -> {vae.image_size}px; warm-up + median of {args.repeats}')
-    for kv in (True, False):  # warm-up
-        timed_sample(vae, var, cond, args, kv, sync)
-    runs = {True: [], False: []}
+    modes = (True, False) if args.kv == 'both' else (True,)
+    print(f'sampling: batch {args.batch}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, autocast '
+          f'{str(dtype).replace("torch.", "")}; VAR depth {var.depth} width {var.width}, vocab {var.vocab_size}, '
+          f'patch_nums {var.patch_nums} (L={var.L}), VQVAE -> {vae.image_size}px, random weights; warm-up + median of '
+          f'{args.repeats}')
+    for kv in modes:  # warm-up
+        timed_sample(vae, var, cond, args, kv, sync, dtype)
+    runs = {kv: [] for kv in modes}
     for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hurts both modes alike
-        for kv in (True, False):
-            runs[kv].append(timed_sample(vae, var, cond, args, kv, sync))
+        for kv in modes:
+            runs[kv].append(timed_sample(vae, var, cond, args, kv, sync, dtype))
     results, tokens = {}, {}
-    for kv in (True, False):
+    for kv in modes:
         results[kv] = dict(per_scale=[median(r[0][si] for r in runs[kv]) for si in range(len(var.patch_nums))],
                            scales=median(r[1] for r in runs[kv]), decode=median(r[2] for r in runs[kv]),
                            total=median(r[1] + r[2] for r in runs[kv]))
         tokens[kv] = runs[kv][0][3]
-    same = all(torch.equal(a, b) for a, b in zip(tokens[True], tokens[False]))
 
     ms = lambda s: f'{1e3 * s:.2f}'
-    speedup = lambda off, on: f'{off / on:.2f}x'  # time without the cache / time with it
+    columns = {True: 'KV on', False: 'KV off'}
     rows = []
     for si, pn in enumerate(var.patch_nums):
-        on, off = results[True]['per_scale'][si], results[False]['per_scale'][si]
-        rows.append({'stage': f'scale {si + 1} ({pn}x{pn})', 'unit': 'ms', 'KV on': ms(on), 'KV off': ms(off),
-                     'speed-up': speedup(off, on)})
+        rows.append({'stage': f'scale {si + 1} ({pn}x{pn})', 'unit': 'ms',
+                     **{columns[kv]: ms(results[kv]['per_scale'][si]) for kv in modes}})
     for key, name in (('scales', 'all scales (tokens)'), ('decode', 'VQVAE decode'), ('total', 'total')):
-        on, off = results[True][key], results[False][key]
-        rows.append({'stage': name, 'unit': 'ms', 'KV on': ms(on), 'KV off': ms(off), 'speed-up': speedup(off, on)})
-    ips_on, ips_off = args.batch / results[True]['total'], args.batch / results[False]['total']
-    rows.append({'stage': 'throughput', 'unit': 'images/s', 'KV on': f'{ips_on:.1f}', 'KV off': f'{ips_off:.1f}',
-                 'speed-up': f'{ips_on / ips_off:.2f}x'})
+        rows.append({'stage': name, 'unit': 'ms', **{columns[kv]: ms(results[kv][key]) for kv in modes}})
+    rows.append({'stage': 'throughput', 'unit': 'images/s',
+                 **{columns[kv]: f'{args.batch / results[kv]["total"]:.2f}' for kv in modes}})
+    if args.kv == 'both':
+        for row in rows:
+            row['speed-up'] = f'{float(row["KV off"]) / float(row["KV on"]):.2f}x' if row['unit'] == 'ms' else \
+                f'{float(row["KV on"]) / float(row["KV off"]):.2f}x'
     print(format_table(rows))
-    print(f'KV cache speed-up (total): {results[False]["total"] / results[True]["total"]:.2f}x; '
-          f'all scales: {results[False]["scales"] / results[True]["scales"]:.2f}x; '
-          f'same tokens with and without the cache: {"yes" if same else "NO"}')
+    if args.kv == 'both':
+        same = all(torch.equal(a, b) for a, b in zip(tokens[True], tokens[False]))
+        print(f'KV cache speed-up (total): {results[False]["total"] / results[True]["total"]:.2f}x; '
+              f'all scales: {results[False]["scales"] / results[True]["scales"]:.2f}x; '
+              f'same tokens with and without the cache: {"yes" if same else "NO"}')
+    if args.official:
+        rows += against_official(args, vae, var, label, cond, sync, results[True]['total'], dtype)
+    return rows
+
+
+def against_official(args, vae, var, label, cond, sync, ours_total: float, dtype) -> List[dict]:
+    """The official sampler on the same weights, labels and seed, beside ours in fp32 (the same function: the same
+    tokens) and ours at --dtype; interleaved runs, medians."""
+    official = official_sampler(args.official, vae, var)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+    run_official = lambda: timed(lambda: official(label, args.seed, args))
+    run_fp32 = lambda: timed(lambda: timed_sample(vae, var, cond, args, True, sync, torch.float32)[4])
+    run_official(), run_fp32()  # warm-up
+    times = {'official': [], 'fp32': []}
+    for _ in range(args.repeats):
+        t_official, official_images = run_official()
+        t_fp32, fp32_images = run_fp32()
+        times['official'].append(t_official)
+        times['fp32'].append(t_fp32)
+    diff = (official_images - fp32_images).abs().max().item()
+    official_s, fp32_s = median(times['official']), median(times['fp32'])
+    rows = [{'stage': 'official VAR sampler (fp32)', 'unit': 's', 'KV on': f'{official_s:.2f}', 'speed-up': '1.00x'},
+            {'stage': 'ours, fp32', 'unit': 's', 'KV on': f'{fp32_s:.2f}', 'speed-up': f'{official_s / fp32_s:.2f}x'}]
+    if dtype != torch.float32:
+        rows.append({'stage': f'ours, {str(dtype).replace("torch.", "")} (--dtype {args.dtype})', 'unit': 's',
+                     'KV on': f'{ours_total:.2f}', 'speed-up': f'{official_s / ours_total:.2f}x'})
+    print(format_table(rows))
+    print(f'ours fp32 vs official, same seed: images max |diff| {diff:.2e}')
+    args.notes = [f'Against the official code (FoundationVision/VAR at {args.official}), in one process, the same '
+                  f'weights, labels and seed; its sampler draws the images and decodes them, as ours does. Ours fp32 '
+                  f'vs official: images max |diff| {diff:.2e}.']
     return rows
 
 
@@ -191,6 +272,7 @@ TRAIN_VARIANTS = {  # name (for --variants) -> row label
     'frozen': 'frozen VAR, no prompt (grad to x_BLCv)',
     'mvp': 'MVP frame prompt, CE',
     'mvp_semantic': 'MVP frame prompt, CE + semantic',
+    'mvp_semantic_plain': 'MVP frame prompt, CE + semantic, no checkpointing',
     'prefilled': 'prefilled prompt, CE',
     'lora': 'LoRA r{rank} on attn qkv + proj, CE',
     'full': 'full fine-tuning, CE',
@@ -213,6 +295,7 @@ def training_args(parser):
     parser.add_argument('--in_process', action='store_true',
                         help='run every variant in this process instead of one fresh process each: faster (for tests), '
                              'but on the CPU the peak memory is then n/a')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the VAR, as train.py --compile')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.set_defaults(repeats=10)
 
@@ -258,6 +341,89 @@ def peak_rss(after_reset: bool) -> Optional[int]:
     return ru if sys.platform == 'darwin' else ru * 1024  # bytes on macOS, kilobytes on Linux
 
 
+def released_backbone(device: torch.device, depth: int, seed: int = 0):
+    """The released VQVAE and VAR-d{depth} architectures (pretrained.py's, the layout of the released files) with
+    random weights, the VAR's gates open: what a full-size step costs, without a download."""
+    from pretrained import released_var, released_vqvae
+    torch.manual_seed(seed)
+    var = released_var(depth)
+    vae = released_vqvae(var.patch_nums)  # 512 px for d36
+    open_gates(var)
+    return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
+
+
+def random_clip(args, device: torch.device):
+    """The semantic loss's frozen CLIP with random weights: open_clip's --clip_model architecture for fullsize (open_clip
+    builds it without weights), a tiny one at 64 px for training."""
+    import open_clip
+    from clip_loss import FrozenClip
+    if args.name == 'fullsize':
+        model, tokenizer = open_clip.create_model(args.clip_model, pretrained=None), open_clip.get_tokenizer(args.clip_model)
+    else:
+        model, tokenizer = open_clip.model.CLIP(**TINY_CLIP_64), open_clip.get_tokenizer('ViT-B-32')
+    return FrozenClip(model, tokenizer).to(device).eval().requires_grad_(False)
+
+
+def largest_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
+    """The largest batch b <= limit with fits(b), for a fits that is monotone (true up to some b, false beyond):
+    doubling from 1, then bisection. 0 if not even 1 fits."""
+    low, high = 0, 1
+    while high <= limit and fits(high):
+        low, high = high, 2 * high
+    high = min(high, limit + 1)  # low fits, high does not (or is past the limit)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def synthetic_batch(vae, var, batch: int, seed: int, device: torch.device):
+    """Random images in [-1, 1] at the VQVAE's size, class labels, and the semantic loss's two texts per image."""
+    gen = torch.Generator().manual_seed(seed)
+    images = (torch.rand(batch, 3, vae.image_size, vae.image_size, generator=gen) * 2 - 1).to(device)
+    labels = (torch.arange(batch) % var.num_classes).to(device)
+    texts = ([f'a photo of a class {int(c)}' for c in labels],
+             [f'a photo of a class {int(c)}, picture {i}' for i, c in enumerate(labels)], None)
+    return images, labels, texts
+
+
+def semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, sync) -> Dict[str, float]:
+    """One MVP + semantic step's loss and backward cut into stages, each timed alone (seconds). The graph is cut at
+    the logits and at the two images (detached leaves whose gradients are passed on by hand), so each stage's
+    backward runs by itself; the prompt's gradient is the step's."""
+    from model import conditions, teacher_forcing
+    images, labels, (sentences, captions, _) = batch
+    marks = []
+
+    def mark(stage):
+        sync()
+        marks.append((stage, time.perf_counter()))
+    mark('start')
+    idx, x_BLCv = teacher_forcing(vae, images)
+    mark('VQVAE encoding (no grad)')
+    with autocast:
+        prompt_map, prefix, _ = parts(None)
+        logits = forward_var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv,
+                             prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
+        ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
+    mark('VAR forward + CE')
+    logits_leaf = logits.detach().requires_grad_(True)
+    with autocast:
+        img_sen, img_cap = semantic.decode_sen_cap(logits_leaf, idx[0])
+    mark('decode I_sen + I_cap (soft tokens, decoder)')
+    sen_leaf, cap_leaf = img_sen.detach().requires_grad_(True), img_cap.detach().requires_grad_(True)
+    with autocast:
+        loss = semantic.score(sen_leaf, cap_leaf, sentences, captions)['semantic']
+    mark('CLIP forward (image tower, contrastive losses)')
+    loss.backward()
+    mark('CLIP backward')
+    torch.autograd.backward([img_sen, img_cap], [sen_leaf.grad, cap_leaf.grad])
+    mark('decode backward')
+    torch.autograd.backward([ce, logits], [torch.ones_like(ce), logits_leaf.grad])
+    mark('VAR backward (CE + semantic)')
+    return {stage: t - t_prev for (_, t_prev), (stage, t) in zip(marks, marks[1:])}
+
+
 def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
     meaningful only in a fresh process that runs nothing else)."""
@@ -268,13 +434,11 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = synchronizer(device)
-    vae, var = tiny_backbone(device, args.seed, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
-    gen = torch.Generator().manual_seed(args.seed)
-    images = (torch.rand(args.batch, 3, vae.image_size, vae.image_size, generator=gen) * 2 - 1).to(device)
-    labels = (torch.arange(args.batch) % var.num_classes).to(device)
+    vae, var = released_backbone(device, args.depth, args.seed) if args.name == 'fullsize' else \
+        tiny_backbone(device, args.seed, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
     frame = FramePrompt(var.patch_nums, var.width, args.tau)  # MVP's prompt; also the prefilled prompt's token count
     parts, semantic, trainable = None, None, []
-    if variant in ('mvp', 'mvp_semantic'):
+    if variant in ('mvp', 'mvp_semantic', 'mvp_semantic_plain'):
         parts = TunedParts(frame).to(device)
     elif variant == 'prefilled':
         parts = TunedParts(PrefilledPrompt(len(frame.index), var.width)).to(device)
@@ -288,36 +452,35 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         trainable = list(parts.parameters())
     else:
         parts = TunedParts()  # LoRA and full fine-tuning act inside the VAR: no prompt
-    if variant == 'mvp_semantic':  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens at T = 1
-        import open_clip
-        from clip_loss import FrozenClip, SemanticLoss
-        clip = FrozenClip(open_clip.model.CLIP(**TINY_CLIP_64), open_clip.get_tokenizer('ViT-B-32'))
-        clip = clip.to(device).eval().requires_grad_(False)
-        semantic = SemanticLoss(clip, vae)
-    texts = ([f'a photo of a class {int(c)}' for c in labels],
-             [f'a photo of a class {int(c)}, picture {i}' for i, c in enumerate(labels)], None)
+    if variant.startswith('mvp_semantic'):  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens
+        from clip_loss import SemanticLoss
+        semantic = SemanticLoss(random_clip(args, device), vae, checkpointed=variant == 'mvp_semantic')
+    forward_var = torch.compile(var) if args.compile else var
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if trainable else None
     seq_lens = []  # the sequence length the attention sees, read off the first block's input
     hook = var.blocks[0].attn.register_forward_pre_hook(lambda module, inputs: seq_lens.append(inputs[0].shape[1]))
 
-    def step() -> float:
+    def step(batch) -> float:
         """train.py's step (its own functions, autocast and grad scaler included) without the data loader; returns
         the time the VQVAE encoding finished. The frozen VAR has no step in train.py (nothing trains): the same
         forward under the same autocast, and a backward to its input, as the floor every tuning method pays."""
+        images, labels, texts = batch
         idx, x_BLCv = teacher_forcing(vae, images)
         sync()
         t_encoded = time.perf_counter()
         if variant == 'frozen':
             x_BLCv.requires_grad_(True)
             with autocast:
-                logits = var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
+                logits = forward_var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
                 ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
             ce.backward()
             return t_encoded
-        loss, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, False, autocast)
+        # first_scale_fixed: MVP's class-to-image default (first-scale prompt off), as train.py decides it
+        loss, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, True, autocast, forward_var)
         optimizer_step(loss, optimizer, scaler, trainable, 1.0)
         return t_encoded
 
+    batch = synthetic_batch(vae, var, args.batch, args.seed, device)
     # memory: the growth over what the process holds once everything is built, from before the first step on
     sync()
     rss_before = current_rss() if measure_rss else None
@@ -326,16 +489,16 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         allocated_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
-        step()
-    hook.remove()
+        step(batch)
     times, encode_times = [], []
     for _ in range(args.repeats):
         sync()
         t0 = time.perf_counter()
-        t_encoded = step()
+        t_encoded = step(batch)
         sync()
         times.append(time.perf_counter() - t0)
         encode_times.append(t_encoded - t0)
+    hook.remove()
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated(device) - allocated_before
         memory = 'cuda'
@@ -345,85 +508,186 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         peak_after = peak_rss(reset)
         peak = None if rss_before is None or peak_after is None else peak_after - rss_before
         memory = 'VmHWM' if reset else 'ru_maxrss'
-    return dict(variant=variant, trainable=sum(p.numel() for p in trainable), step=median(times),
-                encode=median(encode_times), peak=peak, memory=memory, seq=seq_lens[0] if seq_lens else None,
-                L=var.L, input_grad_values=args.batch * (var.L - var.first_l) * var.Cvae,
-                prompt_tokens=len(frame.index))
+    result = dict(variant=variant, trainable=sum(p.numel() for p in trainable), var_params=sum(p.numel() for p in var.parameters()),
+                  step=median(times), encode=median(encode_times), peak=peak, memory=memory,
+                  seq=seq_lens[0] if seq_lens else None, L=var.L, input_grad_values=args.batch * (var.L - var.first_l) * var.Cvae,
+                  prompt_tokens=len(frame.index))
+    if semantic is not None and getattr(args, 'breakdown', False):
+        runs = [semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, sync) for _ in range(args.repeats)]
+        result['breakdown'] = {stage: median(r[stage] for r in runs) for stage in runs[0]}
+    if device.type == 'cuda' and getattr(args, 'max_batch', False):
+        del batch
+        result['max_batch'] = largest_batch(lambda b: cuda_step_fits(step, synthetic_batch(vae, var, b, args.seed, device)),
+                                            args.max_batch_limit)
+    return result
 
 
-@benchmark(add_args=training_args)
-def training(args) -> Optional[List[dict]]:
-    """One training step (tiny random VAR, 64px, batch 16): frozen, MVP (+semantic), prefilled, LoRA, full FT."""
-    if args.worker:  # inside a worker process
+def cuda_step_fits(step, batch) -> bool:
+    """Do two steps at this batch run without CUDA running out of memory (the second with the optimizer's state)?"""
+    try:
+        step(batch)
+        step(batch)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del batch
+        torch.cuda.empty_cache()
+
+
+def worker_command(args, variant: str) -> List[str]:
+    """The command that runs one variant in a fresh process (bench.py <name> --worker <variant> with args' options)."""
+    cmd = [sys.executable, os.path.abspath(__file__), args.name, '--worker', variant, '--device', args.device,
+           '--threads', str(args.threads), '--repeats', str(args.repeats), '--seed', str(args.seed),
+           '--batch', str(args.batch), '--tau', str(args.tau), '--lora_rank', str(args.lora_rank),
+           '--warmup', str(args.warmup)] + (['--compile'] if args.compile else [])
+    if args.name == 'fullsize':
+        cmd += ['--depth', str(args.depth), '--clip_model', args.clip_model, '--max_batch_limit', str(args.max_batch_limit)]
+        cmd += (['--breakdown'] if args.breakdown else []) + (['--max_batch'] if args.max_batch else [])
+    return cmd
+
+
+def run_variants(args) -> Optional[Dict[str, dict]]:
+    """Every --variants in its own fresh process (or all in this one with --in_process), one after the other: never
+    two competing for the cores. None inside a worker process, which prints its result instead."""
+    if args.worker:
         print(WORKER_TAG + json.dumps(training_worker(args, args.worker)), flush=True)
         return None
     variants = [v.strip() for v in args.variants.split(',') if v.strip()]
     unknown = [v for v in variants if v not in TRAIN_VARIANTS]
     if unknown or not variants:
         raise SystemExit(f'error: unknown --variants {unknown}; choose from {", ".join(TRAIN_VARIANTS)}')
-    from model import auto_dtype
-    dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
-    print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, '
-          f'patch_nums {TINY_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult (1, 2, 2, 4)); random weights; '
-          f'{"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
-          f'{args.warmup} warm-up steps + median of {args.repeats}')
     results = {}
-    for v in variants:  # one after the other: never two workers competing for the cores
+    for v in variants:
         if args.in_process:
             results[v] = training_worker(args, v, measure_rss=False)
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), 'training', '--worker', v, '--device', args.device,
-               '--threads', str(args.threads), '--repeats', str(args.repeats), '--seed', str(args.seed),
-               '--batch', str(args.batch), '--tau', str(args.tau), '--lora_rank', str(args.lora_rank),
-               '--warmup', str(args.warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(worker_command(args, v), capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
         if proc.returncode != 0 or not found:
             raise RuntimeError(f'training worker {v!r} failed (exit code {proc.returncode}):\n{proc.stdout}{proc.stderr}')
         results[v] = json.loads(found[-1][len(WORKER_TAG):])
+        print(f'  {v}: {results[v]["step"]:.2f} s a step', flush=True)
+    return results
 
+
+def variant_rows(args, results: Dict[str, dict]) -> List[dict]:
     rows = []
-    for v in variants:
-        r = results[v]
-        rows.append({'variant': TRAIN_VARIANTS[v].format(rank=args.lora_rank), 'trainable params': f'{r["trainable"]:,}',
-                     'step time ms': f'{1e3 * r["step"]:.1f}',
-                     'peak memory MB': 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20:.1f}',
-                     'seq len in attention': r['seq']})
-    print(format_table(rows))
+    for v, r in results.items():
+        row = {'variant': TRAIN_VARIANTS[v].format(rank=args.lora_rank), 'trainable params': f'{r["trainable"]:,}',
+               '% of VAR': f'{100 * r["trainable"] / r["var_params"]:.3f}', 'step time ms': f'{1e3 * r["step"]:.1f}',
+               'peak memory MB': 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20:.1f}',
+               'seq len in attention': r['seq']}
+        if 'max_batch' in r:
+            row['largest batch that fits'] = r['max_batch']
+        rows.append(row)
+    return rows
+
+
+def memory_note(first: dict) -> str:
+    if first['memory'] == 'n/a':
+        return ('Peak memory: n/a on the CPU with --in_process (all variants share one process and its allocator, so '
+                'resident memory cannot be told apart by variant); run without it.')
+    if first['memory'] == 'cuda':
+        return ('Peak memory: torch.cuda.max_memory_allocated over the warm-up and timed steps minus '
+                'torch.cuda.memory_allocated just before the first step (models, batch and optimizer built): '
+                'activations, gradients, optimizer state and temporaries of training, not the weights.')
+    peak = ('VmHWM in /proc/self/status, the kernel\'s peak-RSS mark, reset to the current RSS just before the first '
+            'step by writing 5 to /proc/self/clear_refs; not ru_maxrss, which in an exec\'d process also holds '
+            'the peak RSS of its parent') if first['memory'] == 'VmHWM' else \
+        'getrusage(RUSAGE_SELF).ru_maxrss, the lifetime peak, which may include the parent\'s peak'
+    return (f'Peak memory: peak RSS growth in the variant\'s own fresh process = peak RSS over the warm-up and timed '
+            f'steps ({peak}) minus the RSS just before the first step (/proc/self/statm; models, batch and optimizer '
+            f'built). It counts activations, gradients, optimizer state, temporaries and whatever the allocators '
+            f'keep, not the weights: resident memory, not bytes allocated by torch.')
+
+
+def step_notes(args, results: Dict[str, dict]) -> List[str]:
     first = next(iter(results.values()))
     notes = [f'Step: what train.py does per batch minus data loading: VQVAE encoding without grad (median '
              f'{1e3 * median(r["encode"] for r in results.values()):.1f} ms of every row), forward, loss, backward, '
              f'gradient clipping and an AdamW step over the trainable parameters, as train.py runs them '
-             f'(model.teacher_forcing, model.mvp_loss, model.optimizer_step) under train.py\'s autocast.']
+             f'(model.teacher_forcing, model.mvp_loss, model.optimizer_step) under train.py\'s autocast'
+             f'{" and torch.compile of the VAR" if args.compile else ""}.']
     if 'frozen' in results:
         notes.append(f'Frozen row: nothing trains and there is no optimizer step; the backward pass runs to the input '
                      f'x_BLCv (the VQVAE teacher-forcing input, made to require grad: {first["input_grad_values"]:,} '
                      f'values) through every block, as a prompt at the input needs too.')
     notes.append(f'MVP: {first["prompt_tokens"]} prompt tokens added onto the L = {first["L"]} input tokens (tau '
-                 f'{args.tau}); prefilled: as many tokens prepended to the sequence. Semantic: tiny random CLIP at 64px, '
-                 f'both images of Eq. 7 decoded by the VQVAE and encoded by CLIP.')
+                 f'{args.tau}); prefilled: as many tokens prepended to the sequence. Semantic: both images of Eq. 7 '
+                 f'decoded by the VQVAE and encoded by CLIP, with activation checkpointing of the decoder and CLIP\'s '
+                 f'image tower (train.py\'s --checkpointing; "no checkpointing": without).')
     if 'lora' in results:
         notes.append('LoRA: attn.proj runs as base(x) + B(A(x)); attn.mat_qkv as the merged weight W + BA, because '
                      'var.py calls F.linear(x, mat_qkv.weight) itself, so its backward computes a full 3C x C weight '
                      'gradient per block.')
-    if first['memory'] == 'n/a':
-        notes.append('Peak memory: n/a on the CPU with --in_process (all variants share one process and its allocator, '
-                     'so resident memory cannot be told apart by variant); run without it.')
-    elif first['memory'] == 'cuda':
-        notes.append('Peak memory: torch.cuda.max_memory_allocated over the warm-up and timed steps minus '
-                     'torch.cuda.memory_allocated just before the first step (models, batch and optimizer built): '
-                     'activations, gradients, optimizer state and temporaries of training, not the weights.')
-    else:
-        peak = ('VmHWM in /proc/self/status, the kernel\'s peak-RSS mark, reset to the current RSS just before the first '
-                'step by writing 5 to /proc/self/clear_refs; not ru_maxrss, which in an exec\'d process also holds '
-                'the peak RSS of its parent') if first['memory'] == 'VmHWM' else \
-            'getrusage(RUSAGE_SELF).ru_maxrss, the lifetime peak, which may include the parent\'s peak'
-        notes.append(f'Peak memory: peak RSS growth in the variant\'s own fresh process = peak RSS over the warm-up and '
-                     f'timed steps ({peak}) minus the RSS just before the first step (/proc/self/statm; models, batch '
-                     f'and optimizer built). It counts activations, gradients, optimizer state, temporaries and '
-                     f'whatever the allocators keep, not the weights: resident memory, not bytes allocated by torch.')
+    notes.append(memory_note(first))
+    return notes
+
+
+@benchmark(add_args=training_args)
+def training(args) -> Optional[List[dict]]:
+    """One training step (tiny random VAR, 64px, batch 16): frozen, MVP (+semantic), prefilled, LoRA, full FT."""
+    from model import auto_dtype
+    if not args.worker:
+        dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
+        print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 '
+              f'width 128 (4 heads), vocab 256, Cvae 16, patch_nums {TINY_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult '
+              f'(1, 2, 2, 4)); random weights; {"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
+              f'{args.warmup} warm-up steps + median of {args.repeats}')
+    results = run_variants(args)
+    if results is None:
+        return None
+    rows = variant_rows(args, results)
+    print(format_table(rows))
+    args.notes = step_notes(args, results)  # main() appends them below the table to --out
+    print('\n'.join(args.notes))
+    return rows
+
+
+def fullsize_args(parser):
+    training_args(parser)
+    parser.add_argument('--depth', type=int, default=16, help='a released VAR depth: 16, 20, 24, 30 (256 px) or 36 (512 px)')
+    parser.add_argument('--clip_model', default=None, help='open_clip architecture of the semantic loss (default: '
+                                                           'train.py\'s, ViT-B-16), built with random weights')
+    parser.add_argument('--breakdown', action='store_true', help='also time the stages of the MVP + semantic step')
+    parser.add_argument('--max_batch', action='store_true', help='CUDA: also find the largest batch that fits, per variant')
+    parser.add_argument('--max_batch_limit', type=int, default=1024)
+    parser.set_defaults(batch=2, repeats=2, warmup=1)
+
+
+@benchmark(add_args=fullsize_args)
+def fullsize(args) -> Optional[List[dict]]:
+    """One training step at the released sizes (random weights, released layout, 256 px; 512 px for d36)."""
+    from model import auto_dtype
+    from pretrained import DEFAULT_CLIP, DEPTHS
+    if args.depth not in DEPTHS:
+        raise SystemExit(f'error: --depth {args.depth}: the released depths are {", ".join(map(str, DEPTHS))}')
+    args.clip_model = args.clip_model or DEFAULT_CLIP[0]
+    if args.max_batch and args.device != 'cuda':
+        raise SystemExit('error: --max_batch needs --device cuda (on the CPU, memory does not run out, it swaps)')
+    if not args.worker:
+        dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
+        print(f'fullsize: VAR-d{args.depth} ({"512" if args.depth == 36 else "256"} px), batch {args.batch}, tau '
+              f'{args.tau}, CLIP {args.clip_model}, autocast {dtype}, compile {"on" if args.compile else "off"}; random '
+              f'weights in the released layout; each variant in a fresh process, {args.warmup} warm-up step(s) + '
+              f'median of {args.repeats}')
+    results = run_variants(args)
+    if results is None:
+        return None
+    rows = variant_rows(args, results)
+    for row, r in zip(rows, results.values()):
+        row['peak MB per image'] = 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20 / args.batch:.0f}'
+    print(format_table(rows))
+    notes = step_notes(args, results)
+    breakdowns = {v: r['breakdown'] for v, r in results.items() if 'breakdown' in r}
+    for v, stages in breakdowns.items():
+        total = sum(stages.values())
+        notes.append(f'Breakdown of "{TRAIN_VARIANTS[v]}" (median of {args.repeats}; the graph cut at the logits and '
+                     f'the images, no optimizer step): ' + '; '.join(f'{k} {v_:.2f} s ({100 * v_ / total:.0f}%)'
+                                                                   for k, v_ in stages.items()) + '.')
     print('\n'.join(notes))
-    args.notes = notes  # main() appends them below the table to --out
+    args.notes = notes
     return rows
 
 
@@ -489,6 +753,87 @@ def scaling(args) -> List[dict]:
              'over the scales of the squared token count so far), normalised to row 1. L: the number of tokens, what '
              'the per-token work (the linear layers) grows with, ~n^2 for a fixed scale schedule. Local exponent: '
              'log(t_i / t_(i-1)) / log(n_i / n_(i-1)), the measured growth as a power of n between rows (the bound: 4).']
+    print('\n'.join(notes))
+    args.notes = notes
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# dataloader: what train.py's DataLoader delivers from a folder of JPEGs, against what a step consumes
+
+
+def dataloader_args(parser):
+    parser.add_argument('--folder', default=None,
+                        help='an ImageNet-style folder (FOLDER/train/<class>/<images>); default: synthetic JPEGs')
+    parser.add_argument('--images', type=int, default=256, help='synthetic JPEGs to write (and read)')
+    parser.add_argument('--source_size', default='500x375', help='synthetic JPEG size WxH (about ImageNet\'s typical)')
+    parser.add_argument('--size', type=int, default=256, help='final image size (256; 512 for d36)')
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--workers', default='0,1,2', help='comma-separated num_workers to time')
+    parser.add_argument('--step_s', type=float, default=None,
+                        help='seconds a training step takes at --batch (bench.py fullsize): how many workers keep up')
+    parser.set_defaults(repeats=1)
+
+
+def synthetic_jpegs(folder: str, n: int, width: int, height: int, seed: int = 0):
+    """n photo-like JPEGs (smooth colour fields plus grain, quality 90) in 10 class folders of FOLDER/train."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        coarse = torch.rand(1, 3, 6, 8, generator=gen)
+        field = F.interpolate(coarse, size=(height, width), mode='bicubic', align_corners=False)[0]
+        pixels = (field + 0.08 * torch.randn(3, height, width, generator=gen)).clamp(0, 1)
+        os.makedirs(os.path.join(folder, 'train', f'class{i % 10}'), exist_ok=True)
+        Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).astype('uint8')).save(
+            os.path.join(folder, 'train', f'class{i % 10}', f'{i:06d}.jpg'), quality=90)
+
+
+@benchmark(add_args=dataloader_args)
+def dataloader(args) -> List[dict]:
+    """train.py's DataLoader on JPEGs at 256 px: images/s by num_workers, against what a step consumes."""
+    import tempfile
+    from data import FolderDataset
+    from train import Process, epoch_loader
+    workers = [int(w) for w in args.workers.split(',')]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.folder
+        if root is None:
+            width, height = (int(v) for v in args.source_size.split('x'))
+            root = tmp
+            synthetic_jpegs(root, args.images, width, height, args.seed)
+        dataset = FolderDataset(root, 'train', args.size, train=True, seed=args.seed)
+        steps = len(dataset) // args.batch
+        print(f'dataloader: {len(dataset)} images ({args.source_size if args.folder is None else args.folder}) -> '
+              f'{args.size} px (resize the short side to 1.125x with Lanczos, random crop: data.py), batch {args.batch}, '
+              f'{steps} batches; {os.cpu_count()} CPU cores; each worker count: one untimed pass, then median of '
+              f'{args.repeats}')
+        rows = []
+        for num_workers in workers:
+            loader_args = types.SimpleNamespace(batch_size=args.batch, seed=args.seed, num_workers=num_workers)
+            proc = Process(False, 0, 1, torch.device(args.device))
+
+            def one_pass() -> float:
+                loader = epoch_loader(dataset, loader_args, 0, steps, proc)
+                t0 = time.perf_counter()
+                for images, *_ in loader:
+                    assert images.shape == (args.batch, 3, args.size, args.size)
+                return time.perf_counter() - t0  # worker start-up included, as train.py pays it once an epoch
+            one_pass()  # the page cache warm, as for a dataset read before
+            seconds = median(one_pass() for _ in range(args.repeats))
+            rate = steps * args.batch / seconds
+            row = {'num_workers': num_workers, 'images/s': f'{rate:.1f}'}
+            if args.step_s:
+                row['steps/s it feeds'] = f'{rate / args.batch:.2f}'
+                row['keeps up with a step'] = 'yes' if rate >= args.batch / args.step_s else 'no'
+            rows.append(row)
+    print(format_table(rows))
+    single = float(rows[0]['images/s']) if workers[0] == 0 else None
+    notes = []
+    if single:
+        notes.append(f'One process decodes {single:.0f} images/s here; a step of batch B taking T seconds consumes B/T, '
+                     f'so it needs about B / (T x {single:.0f}) workers, each on a core of its own.')
+    if args.step_s:
+        notes.append(f'A step: {args.step_s} s at batch {args.batch} = {args.batch / args.step_s:.1f} images/s.')
     print('\n'.join(notes))
     args.notes = notes
     return rows

@@ -129,12 +129,18 @@ class SemanticLoss(nn.Module):
     """L_semantic of Eq. 8 from teacher-forced logits, with the frozen VQVAE decoder and a frozen CLIP."""
 
     def __init__(self, clip: FrozenClip, vqvae: nn.Module, beta: float = 0.6, lambda_sen: float = 1.0,
-                 lambda_cap: float = 1.0, temperature: float = 1.0, gumbel: bool = False):
+                 lambda_cap: float = 1.0, temperature: float = 1.0, gumbel: bool = False, checkpointed: bool = True):
+        """checkpointed: activation checkpointing in the decoder and CLIP's image tower (recomputed in the backward,
+        the same loss and gradient): at 256 px the decoder's activations for I_sen and I_cap are most of a training
+        step's memory (bench.py fullsize measures it). It sets open_clip's grad checkpointing of the image tower
+        to the same."""
         super().__init__()
         self.clip, self.vqvae = clip, vqvae
         self.kappa = inter_anchor(beta, len(vqvae.patch_nums))
         self.lambda_sen, self.lambda_cap = lambda_sen, lambda_cap
-        self.temperature, self.gumbel = temperature, gumbel
+        self.temperature, self.gumbel, self.checkpointed = temperature, gumbel, checkpointed
+        if hasattr(clip.model.visual, 'set_grad_checkpointing'):
+            clip.model.visual.set_grad_checkpointing(checkpointed)
 
     def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
         """Eq. 7: I_sen from scales 1..kappa and I_cap from all K scales of the predicted maps, images in [-1, 1].
@@ -146,19 +152,22 @@ class SemanticLoss(nn.Module):
         f_hat_sen = sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps[:self.kappa]))
         f_hat_cap = f_hat_sen + sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps) if si >= self.kappa)
         wanted = [f for f, w in ((f_hat_sen, self.lambda_sen), (f_hat_cap, self.lambda_cap)) if w > 0]
-        images = self.vqvae.fhat_to_img(torch.cat(wanted)) if wanted else None  # one decoder pass for both
+        images = self.vqvae.fhat_to_img(torch.cat(wanted), self.checkpointed) if wanted else None  # one pass for both
         B = logits_BLV.shape[0]
         img_sen = images[:B] if self.lambda_sen > 0 else None
         img_cap = images[-B:] if self.lambda_cap > 0 else None
         return img_sen, img_cap
 
-    def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str],
-                first_idx_Bl: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        img_sen, img_cap = self.decode_sen_cap(logits_BLV, first_idx_Bl)
+    def score(self, img_sen, img_cap, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Eq. 8 on decoded images (None for a level whose lambda is 0)."""
         scale = self.clip.logit_scale()
-        zero = logits_BLV.new_zeros(())
+        zero = scale.new_zeros(())
         loss_sen = contrastive_loss(self.clip.encode_image(img_sen), self.clip.encode_text(sentences), sentences, scale) \
             if img_sen is not None else zero
         loss_cap = contrastive_loss(self.clip.encode_image(img_cap), self.clip.encode_text(captions), captions, scale) \
             if img_cap is not None else zero
         return {'sen': loss_sen, 'cap': loss_cap, 'semantic': self.lambda_sen * loss_sen + self.lambda_cap * loss_cap}
+
+    def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str],
+                first_idx_Bl: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        return self.score(*self.decode_sen_cap(logits_BLV, first_idx_Bl), sentences, captions)

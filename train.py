@@ -70,6 +70,9 @@ def get_args(argv=None):
     g.add_argument('--lambda_cap', type=float, default=1.0, help='weight of the caption loss (0: off)')
     g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
     g.add_argument('--gumbel', action='store_true', help='straight-through Gumbel-softmax tokens instead of soft ones')
+    g.add_argument('--checkpointing', choices=('auto', 'on', 'off'), default='auto',
+                   help='activation checkpointing of the decoder and CLIP in the semantic loss (same loss and gradient, '
+                        'less memory, more time); auto: on at 256 px and above')
     g.add_argument('--clip_model', default=None, help=f'open_clip model name or model folder (default {DEFAULT_CLIP[0]}, '
                    'or the backbone folder\'s clip/)')
     g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1], help='open_clip pretrained tag or checkpoint file')
@@ -78,7 +81,9 @@ def get_args(argv=None):
     g.add_argument('--captions', default=None, help='JSONL of {"path": ..., "caption": ...} (paths relative to --data)')
     g.add_argument('--class_names', default=None, help='class names, one per line in sorted folder order')
     g.add_argument('--shapes_n', type=int, default=5000, help='training images in the shapes world')
-    g.add_argument('--num_workers', type=int, default=2)
+    g.add_argument('--num_workers', type=int, default=None,
+                   help='DataLoader workers per process; default: min(8, CPU cores / processes on this machine): '
+                        'one worker decodes about 130 JPEGs/s at 256 px (bench.py dataloader)')
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=16, help='per process')
     g.add_argument('--max_steps', type=int, default=5000)
@@ -103,6 +108,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.first_scale == 'auto':
         args.first_scale = 'on' if args.t2i else 'off'
+    if args.num_workers is None:
+        args.num_workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     check_args(args)
     return args
 
@@ -348,6 +355,7 @@ def epoch_loader(dataset, args, step: int, steps_per_epoch: int, proc: Process):
     batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, proc.rank, proc.world)[offset:]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
                                        num_workers=args.num_workers, persistent_workers=False,
+                                       pin_memory=proc.device.type == 'cuda',  # host-to-GPU copies without a staging copy
                                        worker_init_fn=ignore_interrupts,
                                        generator=torch.Generator())  # not the global RNG: resume stays exact
 
@@ -406,8 +414,9 @@ def main(argv=None):
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
         init_text_projection(parts.text_cond, clip, var, dataset)
+    checkpointed = args.checkpointing == 'on' or (args.checkpointing == 'auto' and vae.image_size >= 256)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
-                            args.gumbel) if semantic_on else None
+                            args.gumbel, checkpointed) if semantic_on else None
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     forward_var = torch.compile(var) if args.compile else var

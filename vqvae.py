@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # the released 256px models' scales
 
@@ -149,16 +150,29 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
-    def forward(self, z):  # (B, Cvae, h, w) -> (B, 3, f*h, f*w)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+    def layers(self):
+        """The decoder's layers in the order they run, each taking and returning one tensor."""
+        yield self.conv_in
+        yield from (self.mid.block_1, self.mid.attn_1, self.mid.block_2)
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(h)
+                yield block
                 if len(stage.attn):
-                    h = stage.attn[i](h)
+                    yield stage.attn[i]
             if hasattr(stage, 'upsample'):
-                h = stage.upsample(h)
+                yield stage.upsample
+        yield self.to_rgb
+
+    def to_rgb(self, h):  # (B, C, H, W) -> (B, 3, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z, checkpointed: bool = False):  # (B, Cvae, h, w) -> (B, 3, f*h, f*w)
+        """checkpointed: keep only each layer's input for the backward and recompute the layer's inside there, the
+        same function and gradient for a fraction of the memory (MVP's semantic loss backpropagates through here)."""
+        h = z
+        for layer in self.layers():
+            h = checkpoint(layer, h, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else layer(h)
+        return h
 
 
 # -----------------------------------------------------------------------------
@@ -311,8 +325,9 @@ class VQVAE(nn.Module):
         f_hat, vq_loss, idx_list = self.quantize(self.quant_conv(self.encoder(img_B3HW)))
         return self.decoder(self.post_quant_conv(f_hat)), vq_loss, idx_list
 
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:  # (B, Cvae, h, w) -> (B, 3, H, W) in [-1, 1]
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+    def fhat_to_img(self, f_hat: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """(B, Cvae, h, w) -> (B, 3, H, W) in [-1, 1]; checkpointed: see Decoder.forward."""
+        return self.decoder(self.post_quant_conv(f_hat), checkpointed).clamp(-1, 1)
 
     @torch.no_grad()
     def img_to_idx(self, img_B3HW: torch.Tensor) -> List[torch.Tensor]:

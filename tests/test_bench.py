@@ -20,6 +20,7 @@ EXPECTED = {
     'frozen VAR, no prompt (grad to x_BLCv)': ('0', '155'),
     'MVP frame prompt, CE': ('10,240', '155'),
     'MVP frame prompt, CE + semantic': ('10,240', '155'),
+    'MVP frame prompt, CE + semantic, no checkpointing': ('10,240', '155'),
     'prefilled prompt, CE': ('10,240', '235'),
     'LoRA r8 on attn qkv + proj, CE': ('24,576', '155'),  # 4 blocks x 8 x (128 + 384 + 128 + 128)
     'full fine-tuning, CE': ('1,277,328', '155'),
@@ -55,8 +56,9 @@ def test_training_table_rows(monkeypatch, capsys, tmp_path):
     rows = table_rows(text)
     assert list(rows) == list(EXPECTED)
     for label, (params, seq) in EXPECTED.items():
-        trainable, step_ms, memory, seq_len = rows[label]
+        trainable, percent, step_ms, memory, seq_len = rows[label]
         assert (trainable, seq_len) == (params, seq), label
+        assert abs(float(percent) - 100 * int(params.replace(',', '')) / 1_277_328) < 1e-3
         assert float(step_ms) > 0 and memory == 'n/a'
     assert 'x_BLCv' in text and 'Peak memory: n/a' in text
     md = out_md.read_text()
@@ -71,7 +73,7 @@ def test_training_fresh_process_measures_memory():
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
     assert list(rows) == ['MVP frame prompt, CE']
-    trainable, step_ms, memory, seq_len = rows['MVP frame prompt, CE']
+    trainable, _, step_ms, memory, seq_len = rows['MVP frame prompt, CE']
     assert trainable == '10,240' and seq_len == '155' and float(step_ms) > 0
     assert float(memory) > 0  # a training step holds activations beyond the built models
     assert 'Peak memory: peak RSS growth' in proc.stdout
@@ -111,3 +113,63 @@ def test_scaling_table_rows(monkeypatch, capsys):
     assert list(rows) == ['1,2', '1,2,3,4']
     assert rows['1,2'][:3] == ['2', '2', '5'] and rows['1,2,3,4'][:3] == ['4', '4', '30']  # K, n, L
     assert rows['1,2'][4:6] == ['1.00', '1.0'] and rows['1,2,3,4'][5] == '16.0'  # time and n^4 x row 1
+
+
+def test_largest_batch_finds_the_edge():
+    for edge in (0, 1, 2, 3, 5, 64, 100, 1000):
+        tried = []
+
+        def fits(b):
+            tried.append(b)
+            return b <= edge
+        assert bench.largest_batch(fits, limit=512) == min(edge, 512), edge
+        assert len(tried) <= 2 * 10 + 2  # doubling then bisection: logarithmic in the limit
+    assert bench.largest_batch(lambda b: True, limit=48) == 48
+
+
+def test_semantic_breakdown_is_the_steps_gradient():
+    """The breakdown cuts the graph at the logits and the images and passes the gradients on by hand: the prompt must
+    get exactly the gradient of the uncut step (train.py's mvp_loss)."""
+    import contextlib
+    from clip_loss import SemanticLoss
+    from frame_prompt import FramePrompt
+    from model import TunedParts, mvp_loss, teacher_forcing
+    device = torch.device('cpu')
+    vae, var = bench.tiny_backbone(device, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
+    args = type('Args', (), {'name': 'training'})()
+    semantic = SemanticLoss(bench.random_clip(args, device), vae)
+    parts = TunedParts(FramePrompt(var.patch_nums, var.width, 20))
+    with torch.no_grad():
+        parts.prompt.tokens.normal_(0, 0.02)
+    batch = bench.synthetic_batch(vae, var, 2, 0, device)
+    grads = []
+    for cut in (False, True):
+        parts.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the condition dropout draws from the global generator
+        if cut:
+            stages = bench.semantic_breakdown(vae, var, var, parts, semantic, batch, contextlib.nullcontext(), lambda: None)
+        else:
+            images, labels, texts = batch
+            idx, x = teacher_forcing(vae, images)
+            mvp_loss(var, parts, semantic, idx, x, labels, texts, 0.1, True, contextlib.nullcontext())[0].backward()
+        grads.append(parts.prompt.tokens.grad.clone())
+    assert len(stages) == 7 and all(t >= 0 for t in stages.values())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+
+
+def test_dataloader_table(monkeypatch, capsys):
+    rows = table_rows(run_main(monkeypatch, capsys, ['dataloader', '--images', '16', '--source_size', '64x48',
+                                                     '--size', '32', '--batch', '4', '--workers', '0,1',
+                                                     '--step_s', '0.5']))
+    assert list(rows) == ['0', '1']
+    for rate, steps_per_s, keeps_up in rows.values():
+        assert float(rate) > 0 and abs(float(steps_per_s) - float(rate) / 4) < 0.01
+        assert keeps_up == ('yes' if float(rate) >= 8 else 'no')
+
+
+def test_sampling_table_kv_on(monkeypatch, capsys):
+    rows = table_rows(run_main(monkeypatch, capsys, ['sampling', '--batch', '2', '--repeats', '1', '--kv', 'on',
+                                                     '--dtype', 'fp32']))
+    assert list(rows)[:7] == [f'scale {i + 1} ({pn}x{pn})' for i, pn in enumerate(bench.TINY_PATCH_NUMS)]
+    assert float(rows['throughput'][1]) > 0 and float(rows['total'][1]) > 0

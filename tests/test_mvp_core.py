@@ -723,3 +723,46 @@ def test_the_image_first_scale_replaces_the_predicted_one(tiny_clip, tiny_vae):
         assert all(torch.equal(a, b) for a, b in zip(base, semantic.decode_sen_cap(other_first, first)))
         assert not torch.equal(base[1], semantic.decode_sen_cap(other_later, first)[1])
         assert not torch.equal(base[1], semantic.decode_sen_cap(logits)[1])  # without it, the soft first map
+
+
+def saved_bytes(fn) -> int:
+    """What autograd keeps for the backward while fn() runs forward: the activation memory a step pays for."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_checkpointed_semantic_loss_is_the_same_loss_and_gradient(tiny_vae, tiny_var, tiny_clip, dtype):
+    """Activation checkpointing (decoder and CLIP image tower) recomputes, it does not approximate: the same value
+    and the same prompt gradient, bit for bit, in fp32 and under bf16 autocast, for less saved activation memory."""
+    frozen(tiny_var, tiny_vae, tiny_clip)
+    idx, x, cond = tiny_batch(tiny_vae, tiny_var, B=2, encode=True)
+    fp = FramePrompt(tiny_var.patch_nums, tiny_var.width, tau=20, first_scale=True)
+    with torch.no_grad():
+        fp.tokens.normal_(0, 0.02)
+    results = {}
+    for checkpointed in (False, True):
+        semantic = SemanticLoss(tiny_clip, tiny_vae, beta=0.6, checkpointed=checkpointed)
+        fp.tokens.grad = None
+        out = {}
+
+        def forward():
+            with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
+                logits = tiny_var(cond, x, prompt_1LC=fp())
+                out.update(semantic(logits, SENTENCES, CAPTIONS, idx[0]))
+        out['saved'] = saved_bytes(forward)
+        out['semantic'].backward()
+        results[checkpointed] = out, fp.tokens.grad.clone()
+    (plain, grad_plain), (ckpt, grad_ckpt) = results[False], results[True]
+    for key in ('sen', 'cap', 'semantic'):
+        assert torch.equal(plain[key], ckpt[key]), key
+    assert torch.equal(grad_plain, grad_ckpt)
+    assert grad_plain.abs().sum() > 0
+    assert ckpt['saved'] < 0.5 * plain['saved'], (ckpt['saved'], plain['saved'])
