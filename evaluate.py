@@ -46,14 +46,32 @@ def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+def held_out_images(data: str, items, image_size: int, n: int, seed: int) -> np.ndarray:
+    """The run's held-out images, uint8 (n, H, W, 3): renders of the shapes world's test items, or n images drawn
+    (seeded) from DATA/test of an image folder, center-cropped as data.py does for evaluation."""
+    if data == 'shapes':
+        return np.stack([shapes.render(a, image_size) for a in items])
+    from data import FolderDataset
+    if not os.path.isdir(os.path.join(data, 'test')):
+        raise FileNotFoundError(f'no held-out split {os.path.join(data, "test")}: FD_clip compares samples with the '
+                                f'training folder\'s test/<class>/<images>')
+    dataset = FolderDataset(data, 'test', image_size, train=False)
+    chosen = np.random.default_rng(seed).choice(len(dataset), size=n, replace=n > len(dataset))
+    return to_uint8(torch.stack([dataset.load_image(int(i)) for i in chosen]).add(1).mul(0.5))
+
+
 @torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu', dtype=torch.float32) -> dict:
     config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
+    if config['t2i'] and config['data'] != 'shapes':
+        raise ValueError(f'{ckpt}: text-to-image is scored on the shapes world\'s captions only (--data shapes), '
+                         f'not on {config["data"]}')
     classifier = shapes.load_shape_classifier(config['backbone'])
     features = ClipFeatures(pretrained=os.path.join(config['backbone'], 'clip'), device=device)
-    reference_items = shapes.make_split('test', max(per_class * var.num_classes, n_texts), seed)
-    reference = np.stack([shapes.render(a, vae.image_size) for a in reference_items])
+    n_reference = per_class * var.num_classes if not config['t2i'] else n_texts
+    reference_items = shapes.make_split('test', n_reference, seed) if config['data'] == 'shapes' else None
+    reference = held_out_images(config['data'], reference_items, vae.image_size, n_reference, seed)
     reference_stats = feature_statistics(features.images(reference))
     results = {}
     if not config['t2i']:

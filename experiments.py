@@ -9,7 +9,10 @@ whether the miniature agrees).
 
 Tables: 1 (plain VAR vs MVP, class-to-image), 3 (text-to-image: MVP vs LoRA vs full fine-tuning), 4 (MVP vs the
 prefilled prompt: quality and peak memory), 5 (the five prompt placements), 6 (the first-scale prompt on/off, both
-tasks), 7 (tau in 4, 12, 20, 28), sem (the semantic loss: none, sentence only, caption only, both; both tasks).
+tasks), 7 (tau in 4, 12, 20, 28), 8 (cross-domain transfer: MVP vs LoRA vs full fine-tuning on a shapes domain the
+backbone never saw, exported by `python shapes.py export OUT/domain_textured_N --style textured` and trained on as an
+image folder, as a user's own Food101 folder would be), sem (the semantic loss: none, sentence only, caption only,
+both; both tasks).
 Runs that several tables share (MVP's default run is in 1, 4, 5, 6, 7 and sem) train once.
 
 Every run is its own processes (`python train.py ...`, then `python evaluate.py --json ...`), so its time and
@@ -25,6 +28,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +62,12 @@ RUNS = {
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
     't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
     't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
+    # Table 8's twin: the same three methods on the textured domain's image folder ({domain}: see domain_folder)
+    'x_mvp': ['--data', '{domain}'],
+    'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
+    'x_full': ['--data', '{domain}', '--prompt', 'full'],
 }
+DOMAIN_STYLE = 'textured'  # shapes.py's second domain
 
 # metric -> (column header, better: 'lower' or 'higher', format)
 METRICS = {
@@ -67,6 +76,7 @@ METRICS = {
     'clip_score': ('CLIP-score ↑', 'higher', '{:.2f}'),
     'attribute_accuracy': ('attribute acc ↑', 'higher', '{:.3f}'),
     'trainable': ('trainable params', 'lower', '{:,.0f}'),
+    'trainable_pct': ('% of VAR', 'lower', '{:.2f}'),
     'train_s': ('train s', 'lower', '{:.1f}'),
     'peak_mb': ('peak RSS MB', 'lower', '{:.0f}'),
 }
@@ -127,6 +137,15 @@ SECTIONS = [
                'helps up to ~20, beyond it little changes.',
          claims=[('tau 20 (MVP)', 'tau 4', 'FD_clip'), ('tau 12', 'tau 4', 'FD_clip'),
                  ('tau 20 (MVP)', 'tau 4', 'class_accuracy')]),
+    dict(table='8', title='Table 8\'s twin: cross-domain transfer to a shapes domain the backbone never saw',
+         metrics=('FD_clip', 'class_accuracy', 'trainable', 'trainable_pct', 'train_s'),
+         rows=[('VAR (no tuning) on the new domain', 'x_mvp', 'before'), ('full fine-tuning', 'x_full', 'after'),
+               ('LoRA', 'x_lora', 'after'), ('MVP', 'x_mvp', 'after')],
+         paper='VAR-d24 tuned one epoch to SUN397, Food101 and RESISC45, mean FID: full fine-tuning (100% of the '
+               'parameters) 37.27, LoRA (0.26%) 30.87, QLoRA (0.26%) 30.91, MVP (0.17%) 29.72; MVP best on each, '
+               'by most under the largest domain shift (RESISC45). QLoRA needs CUDA (bitsandbytes): not run here.',
+         claims=[('MVP', 'LoRA', 'FD_clip'), ('MVP', 'full fine-tuning', 'FD_clip'),
+                 ('LoRA', 'full fine-tuning', 'FD_clip'), ('MVP', 'LoRA', 'trainable_pct')]),
     dict(table='sem', title='The semantic loss, class-to-image: what each level adds', metrics=C2I,
          rows=[('CE only (lambda_sen = lambda_cap = 0)', 'sem_none', 'after'), ('CE + sentence', 'sem_sentence', 'after'),
                ('CE + caption', 'sem_caption', 'after'), ('CE + sentence + caption (MVP)', 'mvp', 'after')],
@@ -145,7 +164,7 @@ SECTIONS = [
                  for m in ('FD_clip', 'clip_score', 'attribute_accuracy')]
                 + [('CE + sentence + caption (MVP)', 'CE + sentence', 'attribute_accuracy')]),
 ]
-TABLE_KEYS = ('1', '3', '4', '5', '6', '7', 'sem')
+TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem')
 
 # for the time estimate: measured on this project's 2-core CPU machine, one torch thread, the shapes backbone's size
 STEP_S = {'semantic': 0.95, 'ce': 0.26}  # seconds per training step at batch 16 (the grid of docs/experiments.md)
@@ -216,16 +235,41 @@ def run_dir(args, name: str, seed: int) -> str:
     return os.path.join(args.out, name, f'seed{seed}')
 
 
+def domain_folder(args) -> str:
+    """Where the cross-domain runs' image folder is exported: as many training images as the shapes runs get, and as
+    many held-out images as FD_clip compares the class-to-image samples with."""
+    return os.path.join(args.out, f'domain_{DOMAIN_STYLE}_{args.shapes_n}_{args.per_class}')
+
+
+def domain_export_command(args):
+    return [script('shapes.py'), 'export', domain_folder(args), '--style', DOMAIN_STYLE,
+            '--train_per_class', str(max(1, args.shapes_n // 10)), '--test_per_class', str(args.per_class)]
+
+
+def export_domain(args, env):
+    """The cross-domain runs' image folder, exported to a temporary folder and renamed when complete."""
+    cmd = domain_export_command(args)
+    folder = domain_folder(args)
+    partial = folder + '.part'
+    if os.path.isdir(partial):
+        shutil.rmtree(partial)
+    subprocess.run([sys.executable, *cmd[:2], partial, *cmd[3:]], check=True, env=env)
+    os.replace(partial, folder)
+
+
 def commands(args, name: str, seed: int):
     """(train.py command, evaluate.py command) of one run, as argument lists without the interpreter."""
-    flags = [f.format(seed=seed) for f in RUNS[name]]
+    flags = [f.format(seed=seed, domain=domain_folder(args)) for f in RUNS[name]]
+    if '--data' in flags:  # an image folder, with its captions
+        data = ['--captions', os.path.join(domain_folder(args), 'captions.jsonl')]
+    else:
+        data = ['--data', 'shapes', '--shapes_n', str(args.shapes_n)]
     method = flags[flags.index('--prompt') + 1] if '--prompt' in flags else 'mvp'
     lr = {'lora': args.lr_lora, 'full': args.lr_full}.get(method, args.lr)
     extra = ['--lora_rank', str(args.lora_rank)] if method == 'lora' else []
     out = run_dir(args, name, seed)
-    train = [script('train.py'), '--backbone', args.backbone, '--data', 'shapes', '--shapes_n', str(args.shapes_n),
-             '--batch_size', str(args.batch_size), '--max_steps', str(args.steps), '--lr', str(lr),
-             '--warmup_steps', str(args.warmup_steps), '--seed', str(seed), '--device', args.device, '--num_workers', '0',
+    train = [script('train.py'), '--backbone', args.backbone, *data, '--batch_size', str(args.batch_size),
+             '--max_steps', str(args.steps), '--lr', str(lr), '--warmup_steps', str(args.warmup_steps), '--seed', str(seed), '--device', args.device, '--num_workers', '0',
              '--sample_every', '0', '--log_every', '10', *flags, *extra, '--out_dir', out]
     evaluate = [script('evaluate.py'), '--ckpt', os.path.join(out, 'ckpt.pt'), '--per_class', str(args.per_class),
                 '--n_texts', str(args.n_texts), '--seed', str(seed), '--json', os.path.join(out, 'eval.json')]
@@ -324,6 +368,9 @@ def collect(args, name: str, which: str):
         row = dict(results[which])
         if which == 'after':
             row.update({k: record.get(k) for k in ('trainable', 'train_s', 'peak_mb')})
+            config = read_json(os.path.join(out, 'config.json')) or {}
+            if row['trainable'] is not None and config.get('var_parameters'):
+                row['trainable_pct'] = 100 * row['trainable'] / config['var_parameters']
         for k, v in row.items():
             values.setdefault(k, {})[seed] = v
     return values, seeds
@@ -337,13 +384,17 @@ def mean_std(xs):
 
 
 def cell(values: dict, metric: str) -> str:
+    """mean ± std over seeds, and [the mean over seeds of evaluate.py's standard error] where it reports one."""
     m, s = mean_std(list(values.get(metric, {}).values()))
     if m is None:
         return '–'
     fmt = METRICS[metric][2]
-    if metric == 'trainable' or s is None:
-        return fmt.format(m)
-    return f'{fmt.format(m)} ± {fmt.format(s)}'
+    if metric in ('trainable', 'trainable_pct') or s is None:
+        text = fmt.format(m)
+    else:
+        text = f'{fmt.format(m)} ± {fmt.format(s)}'
+    se, _ = mean_std(list(values.get(metric + '_se', {}).values()))
+    return text if se is None else f'{text} [{fmt.format(se)}]'
 
 
 def verdict(a: dict, b: dict, metric: str):
@@ -401,7 +452,9 @@ def report(args, argv, status: dict, started: float) -> str:
         f'class-to-image and on for text-to-image, CE + sentence + caption loss (beta 0.6, both lambdas 1). LoRA and '
         f'full fine-tuning use the same loss and steps as MVP.',
         f'- Cells are mean ± sample std over the seeds ({", ".join(map(str, args.seed_list))}); a seed sets the '
-        f'training run and the evaluation (its samples and its held-out reference images).',
+        f'training run and the evaluation (its samples and its held-out reference images). In brackets: the '
+        f'standard error within one seed\'s evaluation (over its samples; bootstrap for FD_clip), averaged over '
+        f'the seeds: what the evaluation\'s sample size alone leaves uncertain.',
         f'- FD_clip: Fréchet distance between {10 * args.per_class} class-to-image samples ({args.per_class} per class) '
         f'or {args.n_texts} text-to-image samples and as many held-out renders, in the image-embedding space of the '
         f'backbone\'s own tiny CLIP (not Inception: not an FID, and not comparable with the paper\'s numbers, only '
@@ -495,7 +548,10 @@ def main(argv=None):
           f'~{seconds / 3600 / max(1, min(args.jobs, os.cpu_count() or 1)):.1f} h with {args.jobs} at a time '
           f'(at {STEP_S["semantic"]} s per step at batch 16, {EVAL_S_PER_IMAGE} s per evaluated image, measured on a '
           f'2-core CPU at one thread per run; runs already done are skipped)')
+    cross_domain = any('--data' in RUNS[name] for name in needed_runs(args))
     if args.dry_run:
+        if cross_domain:
+            print(shown(domain_export_command(args)))
         for name, seed in grid:
             for cmd in commands(args, name, seed):
                 print(shown(cmd))
@@ -503,6 +559,8 @@ def main(argv=None):
     if not os.path.isdir(args.backbone):
         raise SystemExit(f'error: no backbone folder at {args.backbone} (make one with pretrain.py)')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED='1')
+    if cross_domain and not os.path.isdir(domain_folder(args)):
+        export_domain(args, env)
     status, lock = {}, threading.Lock()
 
     def job(name, seed):

@@ -24,6 +24,12 @@ depends only on (split, seed, i), and labels cycle through the classes (balanced
 read_attributes() reads colour/size/position/background back from any image, rendered
 or generated, with simple pixel statistics, so a generated image can be scored
 against the caption it was conditioned on. The shape kind needs a learned classifier.
+
+A second domain, style "textured", is the backbone's never-seen target for cross-domain transfer (MVP's Table 8:
+ImageNet -> SUN397, Food101, RESISC45): the same ten shape kinds and palette on diagonally striped, grainy
+backgrounds of four other colours (TEXTURED_BACKGROUNDS). Export it as an image folder that train.py reads like
+any other:
+    python shapes.py export data/shapes_textured --style textured
 """
 
 import json
@@ -67,6 +73,16 @@ POSITION_PHRASES = {
     "bottom left": "in the bottom left corner", "bottom": "at the bottom",
     "bottom right": "in the bottom right corner",
 }
+# the textured domain's backgrounds (never in the flat world's): striped in two tones, with grain; a shape is never
+# drawn on a background closer than TEXTURED_MIN_DISTANCE to its own colour
+TEXTURED_BACKGROUNDS = {
+    "sand": (210, 180, 120),
+    "forest": (25, 70, 35),
+    "brick": (140, 50, 35),
+    "slate": (70, 80, 100),
+}
+TEXTURED_MIN_DISTANCE = 100.0
+STYLES = ("flat", "textured")
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
 IMAGE_SIZE = 48  # the backbone's images: 12x12 latents at 4x downsampling (pretrain.py)
 SPLITS = ("train", "test")
@@ -167,8 +183,22 @@ def render(attrs, image_size=IMAGE_SIZE):
         draw.polygon([tuple(p) for p in (poly + centre) * SUPERSAMPLE], fill=255 * fill)
     alpha = np.asarray(mask.resize((S, S), Image.BOX), dtype=np.float32)[..., None] / 255  # (H, W, 1) coverage
     fg = np.array(COLOURS[attrs["colour"]], dtype=np.float32)
-    bg = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32)
-    return np.round(bg + alpha * (fg - bg)).astype(np.uint8)
+    bg = background(attrs, S)
+    return np.round(np.clip(bg + alpha * (fg - bg), 0, 255)).astype(np.uint8)
+
+
+def background(attrs, S):
+    """The background, float (H, W, 3) or (3,): flat, or (style "textured") diagonal stripes of two tones of the
+    background colour (+-25%) with per-pixel grain, from attrs["texture"] = (direction +-1, period in image sides,
+    grain seed)."""
+    if attrs.get("style", "flat") == "flat":
+        return np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32)
+    direction, period, grain_seed = attrs["texture"]
+    base = np.array(TEXTURED_BACKGROUNDS[attrs["background"]], dtype=np.float32)
+    ys, xs = np.mgrid[0:S, 0:S] / S  # (H, W) each
+    stripes = np.where(((xs + direction * ys) / period) % 1 < 0.5, 0.75, 1.25)[..., None]  # (H, W, 1)
+    grain = np.random.default_rng(grain_seed).normal(0, 8, (S, S, 3))
+    return base * stripes + grain
 
 
 def to_tensor(image):
@@ -225,19 +255,25 @@ def parse_caption(text):
 # -----------------------------------------------------------------------------
 # splits and datasets
 
-def make_split(split, n, seed=0):
-    """n attribute dicts of a split; labels cycle through the classes, item i depends only on (split, seed, i)."""
+def make_split(split, n, seed=0, style="flat"):
+    """n attribute dicts of a split; labels cycle through the classes, item i depends only on (split, seed, style, i)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     items = []
     for i in range(n):
-        rng = np.random.default_rng([seed, SPLITS.index(split), i])
+        rng = np.random.default_rng([seed, SPLITS.index(split), i] + ([] if style == "flat" else [STYLES.index(style)]))
         label = i % NUM_CLASSES
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        backgrounds = [b for b in BACKGROUNDS if b != colour]
+        if style == "flat":
+            backgrounds = [b for b in BACKGROUNDS if b != colour]
+        else:
+            backgrounds = [b for b, rgb in TEXTURED_BACKGROUNDS.items()
+                           if np.linalg.norm(np.subtract(rgb, COLOURS[colour])) >= TEXTURED_MIN_DISTANCE]
         jitter = (float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)), float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)),
                   float(rng.uniform(1 - MAX_SCALE, 1 + MAX_SCALE)), float(rng.uniform(-MAX_ANGLE, MAX_ANGLE)))
-        items.append(dict(
+        item = dict(
             label=label,
             shape=CLASS_NAMES[label],
             colour=colour,
@@ -245,15 +281,19 @@ def make_split(split, n, seed=0):
             position=POSITIONS[rng.integers(len(POSITIONS))],
             background=backgrounds[rng.integers(len(backgrounds))],
             jitter=jitter,  # (dx, dy, scale, angle in degrees)
-        ))
+        )
+        if style != "flat":
+            item.update(style=style, texture=(int(rng.choice([-1, 1])), float(rng.uniform(0.12, 0.2)),
+                                              int(rng.integers(2 ** 31))))
+        items.append(item)
     return items
 
 
 class ShapesDataset(torch.utils.data.Dataset):
     """(image (3, H, W) in [-1, 1], label, sentence, caption); images are rendered on the fly."""
 
-    def __init__(self, split, n, image_size=IMAGE_SIZE, seed=0):
-        self.items = make_split(split, n, seed)
+    def __init__(self, split, n, image_size=IMAGE_SIZE, seed=0, style="flat"):
+        self.items = make_split(split, n, seed, style)
         self.image_size = image_size
         self.class_names = list(CLASS_NAMES)
 
@@ -268,11 +308,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         return to_tensor(render(attrs, self.image_size)), attrs["label"], sentence(attrs["label"]), caption(attrs)
 
 
-def export_image_folder(root, split, n_per_class, seed=0, image_size=IMAGE_SIZE):
+def export_image_folder(root, split, n_per_class, seed=0, image_size=IMAGE_SIZE, style="flat"):
     """Write root/<split>/<class>/<idx>.png, root/class_names.txt and root/captions.jsonl.
     captions.jsonl keeps the entries of other splits already exported to root. Returns this split's entries."""
     records = []
-    for i, attrs in enumerate(make_split(split, n_per_class * NUM_CLASSES, seed)):
+    for i, attrs in enumerate(make_split(split, n_per_class * NUM_CLASSES, seed, style)):
         path = f"{split}/{attrs['shape']}/{i:05d}.png"
         os.makedirs(os.path.join(root, split, attrs["shape"]), exist_ok=True)
         Image.fromarray(render(attrs, image_size)).save(os.path.join(root, path))
@@ -401,3 +441,28 @@ def load_shape_classifier(folder):
     path = os.path.join(folder, "shape_classifier.pth")
     classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return classifier.eval()
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="The shapes world as an ImageNet-style image folder (train.py --data).")
+    sub = p.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write OUT/train, OUT/test, OUT/class_names.txt and OUT/captions.jsonl")
+    export.add_argument("out")
+    export.add_argument("--style", choices=STYLES, default="flat")
+    export.add_argument("--train_per_class", type=int, default=500)
+    export.add_argument("--test_per_class", type=int, default=100)
+    export.add_argument("--image_size", type=int, default=IMAGE_SIZE)
+    export.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for split, n in (("train", args.train_per_class), ("test", args.test_per_class)):
+        if n < 1:
+            p.error(f"--{split}_per_class must be at least 1, got {n}")
+        export_image_folder(args.out, split, n, args.seed, args.image_size, args.style)
+    print(f"wrote {args.out}: {args.train_per_class * NUM_CLASSES} train and {args.test_per_class * NUM_CLASSES} test "
+          f"images ({args.style}), class_names.txt, captions.jsonl (train.py --data {args.out} --captions "
+          f"{os.path.join(args.out, 'captions.jsonl')})")
+
+
+if __name__ == "__main__":
+    main()

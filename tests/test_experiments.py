@@ -49,7 +49,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert header == ['', 'FD_clip ↓', 'class acc ↑', 'trainable params', 'train s']
     assert list(rows) == ['VAR (no tuning)', 'VAR + MVP']
     assert rows['VAR + MVP'][2] == '1,536' and rows['VAR (no tuning)'][2] == '–'
-    float(rows['VAR + MVP'][0])  # one seed: a plain number, no ± std
+    assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', rows['VAR + MVP'][0])  # one seed: no ± std; the evaluation's SE
     header, rows = table_rows(report, 'Table 4')
     assert header[-1] == 'peak RSS MB' and list(rows) == ['VAR (no tuning)', '+ prefilled prompt', '+ MVP']
     assert float(rows['+ MVP'][-1]) > 100
@@ -74,10 +74,11 @@ def test_dry_run_lists_the_full_grid(capsys):
     commands = [line for line in lines if line.startswith('python ')]
     settings = len(experiments.RUNS)  # every setting is needed by some table
     assert lines[0].startswith(f'{3 * settings} runs ({settings} settings x 3 seeds)')
-    assert len(commands) == 2 * 3 * settings
+    assert len(commands) == 2 * 3 * settings + 1  # and the cross-domain folder's export
+    assert commands[0].startswith('python shapes.py export ') and '--style textured' in commands[0]
     assert sum('train.py' in c for c in commands) == sum('evaluate.py' in c for c in commands) == 3 * settings
     lora = [c for c in commands if '--prompt lora' in c]
-    assert len(lora) == 3 and all('--lora_rank 8' in c and '--lr 0.001' in c for c in lora)
+    assert len(lora) == 6 and all('--lora_rank 8' in c and '--lr 0.001' in c for c in lora)
     assert all('--lr 0.0001' in c for c in commands if '--prompt full' in c)
     assert [c for c in commands if '--placement random' in c][1].count('--placement_seed 1') == 1
 
@@ -87,3 +88,26 @@ def test_unknown_table_is_an_error(capsys):
     with pytest.raises(SystemExit):
         experiments.main(['--tables', '2', '--dry_run'])
     assert 'unknown --tables' in capsys.readouterr().err
+
+
+def test_cross_domain_table_end_to_end(tiny_backbone, tmp_path):
+    """Table 8's twin: the textured domain is exported as an image folder, MVP, LoRA and full fine-tuning train on it
+    through train.py --data, and evaluate.py scores FD_clip against that folder's held-out split."""
+    out, report_path = str(tmp_path / 'runs'), str(tmp_path / 'experiments.md')
+    argv = ['--backbone', tiny_backbone, '--tables', '8', *TINY, '--out', out, '--report', report_path]
+    assert experiments.main(argv) == 0
+    domain = os.path.join(out, 'domain_textured_32_2')
+    assert sorted(os.listdir(domain)) == ['captions.jsonl', 'class_names.txt', 'test', 'train']
+    assert sum(len(files) for _, _, files in os.walk(os.path.join(domain, 'test'))) == 2 * 10
+    for name in ('x_mvp', 'x_lora', 'x_full'):
+        with open(os.path.join(out, name, 'seed0', 'config.json')) as f:
+            config = json.load(f)
+        assert config['data'] == domain and config['captions'].endswith('captions.jsonl')
+    report = open(report_path).read()
+    header, rows = table_rows(report, "Table 8's twin")
+    assert header == ['', 'FD_clip ↓', 'class acc ↑', 'trainable params', '% of VAR', 'train s']
+    assert list(rows) == ['VAR (no tuning) on the new domain', 'full fine-tuning', 'LoRA', 'MVP']
+    assert rows['full fine-tuning'][3] == '100.00'
+    assert 0 < float(rows['MVP'][3]) < float(rows['LoRA'][3]) < 100
+    assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', rows['MVP'][0])  # one seed: the value and its evaluation SE
+    assert 'shapes.py export' in report or 'x_mvp' in report
