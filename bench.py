@@ -140,8 +140,9 @@ def official_sampler(path: str, vae: VQVAE, var: VAR):
 
 
 def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, dtype=torch.float32):
-    """One sampling run under autocast to dtype (sample.py's): (seconds per scale, seconds of all scales, seconds of
-    VQVAE decoding, tokens, images in [0, 1])."""
+    """One sampling run under autocast to dtype, the VQVAE's convolutions in sample.py's layout: (seconds per scale,
+    seconds of all scales, seconds of VQVAE decoding, tokens, images in [0, 1])."""
+    from model import set_conv_layout
     quant = vae.quantize
     marks = []
     original = quant.next_autoregressive_input  # called once at the end of every scale: a timestamp per scale
@@ -153,6 +154,7 @@ def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, 
         return out
 
     quant.next_autoregressive_input = hooked  # on this instance only
+    set_conv_layout(vae, dtype)  # as sample.py
     autocast = torch.autocast(cond_BD.device.type, dtype=dtype, enabled=dtype != torch.float32)
     try:
         sync()

@@ -24,7 +24,8 @@ import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import load_backbone, load_clip
-from model import DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, to_uint8
+from model import (DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, set_conv_layout,
+                   to_uint8)
 from train import build_dataset, collate
 
 
@@ -64,6 +65,7 @@ def held_out_images(data: str, items, image_size: int, n: int, seed: int) -> np.
 def evaluate_run(ckpt: str, per_class: int = 20, n_texts: int = 200, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu', dtype=torch.float32) -> dict:
     config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
+    set_conv_layout(vae, dtype)
     if config['t2i'] and config['data'] != 'shapes':
         raise ValueError(f'{ckpt}: text-to-image is scored on the shapes world\'s captions only (--data shapes), '
                          f'not on {config["data"]}')

@@ -109,6 +109,13 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def set_conv_layout(vae, dtype: torch.dtype):
+    """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
+    cuDNN's fast convolution kernels want it (2x faster decoding at 256 px on this project's CPU: bench.py sampling),
+    and in the default layout for fp32, whose results match the official code bit for bit. The values stay the same."""
+    vae.to(memory_format=torch.channels_last if dtype != torch.float32 else torch.contiguous_format)
+
+
 def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
     """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
     random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""

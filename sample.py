@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import DTYPES, auto_dtype, generate_images, load_run, save_grid, to_uint8
+from model import DTYPES, auto_dtype, generate_images, load_run, save_grid, set_conv_layout, to_uint8
 from pretrained import atomic_write, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
@@ -118,6 +118,7 @@ def main(argv=None):
     if (args.class_id is not None or args.eval_npz) and config['t2i']:
         raise ValueError(f'{args.ckpt} is a text-to-image checkpoint: use --text')
     dtype = DTYPES.get(args.dtype) or auto_dtype(device)
+    set_conv_layout(vae, dtype)
     settings = dict(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, use_prompt=not args.no_prompt and bool(args.ckpt),
                     dtype=dtype)
 
