@@ -142,7 +142,7 @@ def official_sampler(path: str, vae: VQVAE, var: VAR):
 def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, dtype=torch.float32):
     """One sampling run under autocast to dtype, the VQVAE's convolutions in sample.py's layout: (seconds per scale,
     seconds of all scales, seconds of VQVAE decoding, tokens, images in [0, 1])."""
-    from model import set_conv_layout
+    from model import cast_once, set_conv_layout
     quant = vae.quantize
     marks = []
     original = quant.next_autoregressive_input  # called once at the end of every scale: a timestamp per scale
@@ -159,14 +159,14 @@ def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, 
     try:
         sync()
         t0 = time.perf_counter()
-        with autocast:
+        with autocast, cast_once(var, vae):  # as model.generate_images
             idx = var.generate(vae, cond_BD, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                use_kv_cache=use_kv_cache)
         sync()
         t1 = time.perf_counter()
     finally:
         del quant.next_autoregressive_input
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, cast_once(vae):
         images = vae.idx_to_img(idx).float().add(1).mul(0.5)
     sync()
     t2 = time.perf_counter()

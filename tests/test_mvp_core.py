@@ -766,3 +766,33 @@ def test_checkpointed_semantic_loss_is_the_same_loss_and_gradient(tiny_vae, tiny
     assert torch.equal(grad_plain, grad_ckpt)
     assert grad_plain.abs().sum() > 0
     assert ckpt['saved'] < 0.5 * plain['saved'], (ckpt['saved'], plain['saved'])
+
+
+def test_conv_layout_changes_speed_not_values(tiny_vae):
+    """set_conv_layout: channels_last for reduced precision, back to the default for fp32, whose images stay bit for bit
+    what they were (the official code's); the parameters' values never change."""
+    from model import set_conv_layout
+    f_hat = torch.randn(2, tiny_vae.Cvae, tiny_vae.patch_nums[-1], tiny_vae.patch_nums[-1])
+    before = {k: v.clone() for k, v in tiny_vae.state_dict().items()}
+    with torch.no_grad():
+        reference = tiny_vae.fhat_to_img(f_hat)
+        set_conv_layout(tiny_vae, torch.bfloat16)
+        assert tiny_vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+        assert all(torch.equal(v, before[k]) for k, v in tiny_vae.state_dict().items())
+        set_conv_layout(tiny_vae, torch.float32)
+        assert tiny_vae.decoder.conv_out.weight.is_contiguous()
+        assert torch.equal(tiny_vae.fhat_to_img(f_hat), reference)
+
+
+def test_cast_once_same_samples_and_leaves_the_model_frozen(tiny_vae, tiny_var):
+    from contextlib import nullcontext
+    from model import cast_once
+    for m in (tiny_var, tiny_vae):
+        m.requires_grad_(False)
+    cond = tiny_var.class_condition(torch.arange(3))
+    samples = []
+    for cached in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16), (cast_once(tiny_var, tiny_vae) if cached else nullcontext()):
+            samples.append(tiny_var.generate(tiny_vae, cond, cfg=1.5, top_k=8, seed=1))
+    assert all(torch.equal(a, b) for a, b in zip(*samples))
+    assert not any(p.requires_grad for p in list(tiny_var.parameters()) + list(tiny_vae.parameters()))
