@@ -274,7 +274,7 @@ TRAIN_VARIANTS = {  # name (for --variants) -> row label
     'frozen': 'frozen VAR, no prompt (grad to x_BLCv)',
     'mvp': 'MVP frame prompt, CE',
     'mvp_semantic': 'MVP frame prompt, CE + semantic',
-    'mvp_semantic_plain': 'MVP frame prompt, CE + semantic, no checkpointing',
+    'mvp_semantic_plain': 'MVP frame prompt, CE + semantic, one pass (no recompute)',
     'prefilled': 'prefilled prompt, CE',
     'lora': 'LoRA r{rank} on attn qkv + proj, CE',
     'full': 'full fine-tuning, CE',
@@ -364,6 +364,13 @@ def random_clip(args, device: torch.device):
     else:
         model, tokenizer = open_clip.model.CLIP(**TINY_CLIP_64), open_clip.get_tokenizer('ViT-B-32')
     return FrozenClip(model, tokenizer).to(device).eval().requires_grad_(False)
+
+
+def semantic_chunk(args, vae) -> int:
+    """The semantic loss's chunk: --semantic_chunk, else train.py's default (4 images at 256 px and above, else 0)."""
+    if getattr(args, 'semantic_chunk', None) is not None:
+        return args.semantic_chunk
+    return 4 if vae.image_size >= 256 else 0
 
 
 def largest_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
@@ -456,7 +463,8 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         parts = TunedParts()  # LoRA and full fine-tuning act inside the VAR: no prompt
     if variant.startswith('mvp_semantic'):  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens
         from clip_loss import SemanticLoss
-        semantic = SemanticLoss(random_clip(args, device), vae, checkpointed=variant == 'mvp_semantic')
+        chunk = 0 if variant == 'mvp_semantic_plain' else semantic_chunk(args, vae)
+        semantic = SemanticLoss(random_clip(args, device), vae, chunk=chunk)
     forward_var = torch.compile(var) if args.compile else var
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if trainable else None
     seq_lens = []  # the sequence length the attention sees, read off the first block's input
@@ -513,7 +521,7 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     result = dict(variant=variant, trainable=sum(p.numel() for p in trainable), var_params=sum(p.numel() for p in var.parameters()),
                   step=median(times), encode=median(encode_times), peak=peak, memory=memory,
                   seq=seq_lens[0] if seq_lens else None, L=var.L, input_grad_values=args.batch * (var.L - var.first_l) * var.Cvae,
-                  prompt_tokens=len(frame.index))
+                  prompt_tokens=len(frame.index), chunk=semantic_chunk(args, vae))
     if semantic is not None and getattr(args, 'breakdown', False):
         runs = [semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, sync) for _ in range(args.repeats)]
         result['breakdown'] = {stage: median(r[stage] for r in runs) for stage in runs[0]}
@@ -546,6 +554,7 @@ def worker_command(args, variant: str) -> List[str]:
     if args.name == 'fullsize':
         cmd += ['--depth', str(args.depth), '--clip_model', args.clip_model, '--max_batch_limit', str(args.max_batch_limit)]
         cmd += (['--breakdown'] if args.breakdown else []) + (['--max_batch'] if args.max_batch else [])
+        cmd += ['--semantic_chunk', str(args.semantic_chunk)] if args.semantic_chunk is not None else []
     return cmd
 
 
@@ -617,8 +626,9 @@ def step_notes(args, results: Dict[str, dict]) -> List[str]:
                      f'values) through every block, as a prompt at the input needs too.')
     notes.append(f'MVP: {first["prompt_tokens"]} prompt tokens added onto the L = {first["L"]} input tokens (tau '
                  f'{args.tau}); prefilled: as many tokens prepended to the sequence. Semantic: both images of Eq. 7 '
-                 f'decoded by the VQVAE and encoded by CLIP, with activation checkpointing of the decoder and CLIP\'s '
-                 f'image tower (train.py\'s --checkpointing; "no checkpointing": without).')
+                 f'decoded by the VQVAE and encoded by CLIP, {first.get("chunk") or "all"} image(s) at a time, '
+                 f'recomputed in the backward when chunked (train.py\'s --semantic_chunk default); "one pass": the '
+                 f'whole batch at once, no recompute.')
     if 'lora' in results:
         notes.append('LoRA: attn.proj runs as base(x) + B(A(x)); attn.mat_qkv as the merged weight W + BA, because '
                      'var.py calls F.linear(x, mat_qkv.weight) itself, so its backward computes a full 3C x C weight '
@@ -655,6 +665,8 @@ def fullsize_args(parser):
     parser.add_argument('--breakdown', action='store_true', help='also time the stages of the MVP + semantic step')
     parser.add_argument('--max_batch', action='store_true', help='CUDA: also find the largest batch that fits, per variant')
     parser.add_argument('--max_batch_limit', type=int, default=1024)
+    parser.add_argument('--semantic_chunk', type=int, default=None, help='the semantic loss\'s chunk (train.py\'s '
+                                                                      '--semantic_chunk; default: as train.py)')
     parser.set_defaults(batch=2, repeats=2, warmup=1)
 
 
@@ -686,7 +698,8 @@ def fullsize(args) -> Optional[List[dict]]:
     for v, stages in breakdowns.items():
         total = sum(stages.values())
         notes.append(f'Breakdown of "{TRAIN_VARIANTS[v]}" (median of {args.repeats}; the graph cut at the logits and '
-                     f'the images, no optimizer step): ' + '; '.join(f'{k} {v_:.2f} s ({100 * v_ / total:.0f}%)'
+                     f'the images, so the decoder and CLIP run once on the whole batch, without recompute; no '
+                     f'optimizer step): ' + '; '.join(f'{k} {v_:.2f} s ({100 * v_ / total:.0f}%)'
                                                                    for k, v_ in stages.items()) + '.')
     print('\n'.join(notes))
     args.notes = notes

@@ -125,49 +125,106 @@ def inter_anchor(beta: float, num_scales: int) -> int:
     return kappa
 
 
+class EmbedInChunks(torch.autograd.Function):
+    """features = embed(f_hat) for (N, ...) inputs, with the memory of `chunk` of them: the forward keeps no
+    activations, the backward recomputes embed chunk by chunk and backpropagates each chunk alone. embed (the
+    frozen decoder and CLIP's image tower) treats each image on its own, so this is the same function and the same
+    gradient as one batched pass, the way gradient checkpointing is; its memory no longer grows with the batch."""
+
+    @staticmethod
+    def forward(ctx, f_hat, embed, chunk: int):
+        ctx.embed, ctx.chunk = embed, chunk
+        device = f_hat.device.type  # a Function's backward does not run under the forward's autocast: keep it
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(f_hat)
+        return torch.cat([EmbedInChunks.embed_with_grad(embed, part)[1].detach() for part in f_hat.split(chunk)])
+
+    @staticmethod
+    def embed_with_grad(embed, part):
+        """(input leaf, features) with a graph, the chunk's activations alive until the caller drops them. The forward
+        runs this way too, so that its values are the backward's exactly: some kernels (PyTorch's fused attention
+        fast path) are taken only when nothing requires grad, and round differently."""
+        part = part.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return part, embed(part)
+
+    @staticmethod
+    def backward(ctx, grad_features):
+        f_hat, = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        grads = []
+        for part, grad in zip(f_hat.split(ctx.chunk), grad_features.split(ctx.chunk)):
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                leaf, features = EmbedInChunks.embed_with_grad(ctx.embed, part)
+            grads.append(torch.autograd.grad(features, leaf, grad)[0])
+        return torch.cat(grads), None, None
+
+
 class SemanticLoss(nn.Module):
     """L_semantic of Eq. 8 from teacher-forced logits, with the frozen VQVAE decoder and a frozen CLIP."""
 
     def __init__(self, clip: FrozenClip, vqvae: nn.Module, beta: float = 0.6, lambda_sen: float = 1.0,
-                 lambda_cap: float = 1.0, temperature: float = 1.0, gumbel: bool = False, checkpointed: bool = True):
-        """checkpointed: activation checkpointing in the decoder and CLIP's image tower (recomputed in the backward,
-        the same loss and gradient): at 256 px the decoder's activations for I_sen and I_cap are most of a training
-        step's memory (bench.py fullsize measures it). It sets open_clip's grad checkpointing of the image tower
-        to the same."""
+                 lambda_cap: float = 1.0, temperature: float = 1.0, gumbel: bool = False, chunk: int = 0):
+        """chunk: decode and embed I_sen and I_cap this many images at a time, recomputing them in the backward
+        (EmbedInChunks, and the decoder layer by layer within a chunk: the same loss and gradient, for the activation
+        memory of one decoder layer on `chunk` images instead of the whole decoder on 2B: at 256 px the decoder's
+        activations are most of a step's memory, bench.py fullsize); 0: one batched pass, nothing recomputed."""
         super().__init__()
         self.clip, self.vqvae = clip, vqvae
         self.kappa = inter_anchor(beta, len(vqvae.patch_nums))
         self.lambda_sen, self.lambda_cap = lambda_sen, lambda_cap
-        self.temperature, self.gumbel, self.checkpointed = temperature, gumbel, checkpointed
-        if hasattr(clip.model.visual, 'set_grad_checkpointing'):
-            clip.model.visual.set_grad_checkpointing(checkpointed)
+        self.temperature, self.gumbel, self.chunk = temperature, gumbel, chunk
 
-    def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
-        """Eq. 7: I_sen from scales 1..kappa and I_cap from all K scales of the predicted maps, images in [-1, 1].
-        first_idx_Bl: the image's own first-scale tokens (B, 1), used in place of the first predicted map."""
+    def sen_cap_fhat(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
+        """Eq. 7's decoder inputs: the soft maps of scales 1..kappa (I_sen) and 1..K (I_cap), accumulated as the
+        VQVAE does, each (B, Cvae, h, w). first_idx_Bl: the image's own first-scale tokens (B, 1), used in place of
+        the first predicted map."""
         quant = self.vqvae.quantize
         maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.gumbel)
         if first_idx_Bl is not None:
             maps[0] = quant.embedding(first_idx_Bl).transpose(1, 2).reshape_as(maps[0]).to(maps[0].dtype)
         f_hat_sen = sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps[:self.kappa]))
         f_hat_cap = f_hat_sen + sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps) if si >= self.kappa)
-        wanted = [f for f, w in ((f_hat_sen, self.lambda_sen), (f_hat_cap, self.lambda_cap)) if w > 0]
-        images = self.vqvae.fhat_to_img(torch.cat(wanted), self.checkpointed) if wanted else None  # one pass for both
-        B = logits_BLV.shape[0]
-        img_sen = images[:B] if self.lambda_sen > 0 else None
-        img_cap = images[-B:] if self.lambda_cap > 0 else None
-        return img_sen, img_cap
+        return f_hat_sen, f_hat_cap
 
-    def score(self, img_sen, img_cap, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """Eq. 8 on decoded images (None for a level whose lambda is 0)."""
+    def wanted(self, f_hat_sen, f_hat_cap):
+        """The decoder inputs of the levels whose lambda is not 0, as one batch (one pass for both)."""
+        return torch.cat([f for f, w in ((f_hat_sen, self.lambda_sen), (f_hat_cap, self.lambda_cap)) if w > 0])
+
+    def split(self, both, B: int):
+        """(I_sen part, I_cap part) of a batch made by wanted(), None for a level whose lambda is 0."""
+        return (both[:B] if self.lambda_sen > 0 else None), (both[-B:] if self.lambda_cap > 0 else None)
+
+    def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
+        """Eq. 7: the images I_sen and I_cap in [-1, 1] (None for a level whose lambda is 0)."""
+        if self.lambda_sen == self.lambda_cap == 0:
+            return None, None
+        images = self.vqvae.fhat_to_img(self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl)))
+        return self.split(images, logits_BLV.shape[0])
+
+    def embed(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs -> CLIP image features (N, D), the decoder checkpointed layer by layer: within a chunk's
+        backward only one decoder layer's activations are alive at a time (vqvae.Decoder.forward)."""
+        return self.clip.encode_image(self.vqvae.fhat_to_img(f_hat, checkpointed=True))
+
+    def score(self, feats_sen, feats_cap, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Eq. 8 on the CLIP features of I_sen and I_cap (None for a level whose lambda is 0)."""
         scale = self.clip.logit_scale()
         zero = scale.new_zeros(())
-        loss_sen = contrastive_loss(self.clip.encode_image(img_sen), self.clip.encode_text(sentences), sentences, scale) \
-            if img_sen is not None else zero
-        loss_cap = contrastive_loss(self.clip.encode_image(img_cap), self.clip.encode_text(captions), captions, scale) \
-            if img_cap is not None else zero
+        loss_sen = contrastive_loss(feats_sen, self.clip.encode_text(sentences), sentences, scale) \
+            if feats_sen is not None else zero
+        loss_cap = contrastive_loss(feats_cap, self.clip.encode_text(captions), captions, scale) \
+            if feats_cap is not None else zero
         return {'sen': loss_sen, 'cap': loss_cap, 'semantic': self.lambda_sen * loss_sen + self.lambda_cap * loss_cap}
 
     def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str],
                 first_idx_Bl: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        return self.score(*self.decode_sen_cap(logits_BLV, first_idx_Bl), sentences, captions)
+        if self.lambda_sen == self.lambda_cap == 0:
+            return self.score(None, None, sentences, captions)
+        if self.chunk:
+            f_hat = self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl))
+            feats_sen, feats_cap = self.split(EmbedInChunks.apply(f_hat, self.embed, self.chunk), logits_BLV.shape[0])
+        else:  # one decoder pass for both images, then CLIP on each level's images
+            img_sen, img_cap = self.decode_sen_cap(logits_BLV, first_idx_Bl)
+            feats_sen, feats_cap = (self.clip.encode_image(img) if img is not None else None for img in (img_sen, img_cap))
+        return self.score(feats_sen, feats_cap, sentences, captions)

@@ -70,9 +70,10 @@ def get_args(argv=None):
     g.add_argument('--lambda_cap', type=float, default=1.0, help='weight of the caption loss (0: off)')
     g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
     g.add_argument('--gumbel', action='store_true', help='straight-through Gumbel-softmax tokens instead of soft ones')
-    g.add_argument('--checkpointing', choices=('auto', 'on', 'off'), default='auto',
-                   help='activation checkpointing of the decoder and CLIP in the semantic loss (same loss and gradient, '
-                        'less memory, more time); auto: on at 256 px and above')
+    g.add_argument('--semantic_chunk', type=int, default=None,
+                   help='decode and embed I_sen / I_cap this many images at a time, recomputed in the backward (the '
+                        'same loss and gradient, the memory of N images instead of 2 x batch, one more decoder + CLIP '
+                        'forward); 0: all at once, no recompute; default: 4 at 256 px and above, else 0')
     g.add_argument('--clip_model', default=None, help=f'open_clip model name or model folder (default {DEFAULT_CLIP[0]}, '
                    'or the backbone folder\'s clip/)')
     g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1], help='open_clip pretrained tag or checkpoint file')
@@ -117,10 +118,10 @@ def get_args(argv=None):
 def check_args(args):
     """Flags whose values no run can use: one line naming the flag, before anything is built or written."""
     at_least = {'batch_size': 1, 'max_steps': 1, 'log_every': 1, 'ckpt_every': 1, 'sample_every': 0, 'num_workers': 0,
-                'warmup_steps': 0, 'shapes_n': 1, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0,
+                'warmup_steps': 0, 'shapes_n': 1, 'semantic_chunk': 0, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0,
                 'lr': 0}  # lr 0: a run that trains nothing, the untuned model in a run's clothes
     for name, low in at_least.items():
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:  # None: a default decided later
             raise ValueError(f'--{name} must be at least {low}, got {getattr(args, name)}')
     for name in ('soft_temperature', 'grad_clip'):
         if not getattr(args, name) > 0:
@@ -414,9 +415,9 @@ def main(argv=None):
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
         init_text_projection(parts.text_cond, clip, var, dataset)
-    checkpointed = args.checkpointing == 'on' or (args.checkpointing == 'auto' and vae.image_size >= 256)
+    chunk = args.semantic_chunk if args.semantic_chunk is not None else (4 if vae.image_size >= 256 else 0)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
-                            args.gumbel, checkpointed) if semantic_on else None
+                            args.gumbel, chunk) if semantic_on else None
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     forward_var = torch.compile(var) if args.compile else var

@@ -447,12 +447,26 @@ def test_cli_error_sample_corrupt_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('flag, value', [('--batch_size', 0), ('--log_every', 0), ('--ckpt_every', 0),
                                          ('--max_steps', 0), ('--lambda_sen', -1), ('--lambda_cap', -0.5), ('--lr', -1e-3),
-                                         ('--cond_drop', 1.5), ('--soft_temperature', 0), ('--num_workers', -1)])
+                                         ('--cond_drop', 1.5), ('--soft_temperature', 0), ('--num_workers', -1),
+                                         ('--semantic_chunk', -1)])
 def test_unusable_flag_values_are_one_line(flag, value):
     with pytest.raises(ValueError) as error:
         train.get_args(['--data', 'shapes', flag, str(value)])
     message = str(error.value)
     assert '\n' not in message and message.startswith(flag) and str(value) in message, message
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    """Enough DataLoader workers to feed a GPU (one decodes ~130 JPEGs/s at 256 px: bench.py dataloader), shared
+    among the processes torchrun starts on the machine, at most 8 each; an explicit value stays."""
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert train.get_args(['--data', 'shapes']).num_workers == 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert train.get_args(['--data', 'shapes']).num_workers == 4
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    assert train.get_args(['--data', 'shapes']).num_workers == 1
+    assert train.get_args(['--data', 'shapes', '--num_workers', '0']).num_workers == 0
 
 
 def test_cli_error_zero_batch_size_writes_nothing(tiny_backbone, tmp_path):
