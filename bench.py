@@ -367,10 +367,10 @@ def random_clip(args, device: torch.device):
 
 
 def semantic_chunk(args, vae) -> int:
-    """The semantic loss's chunk: --semantic_chunk, else train.py's default (4 images at 256 px and above, else 0)."""
+    """The semantic loss's chunk: --semantic_chunk, else train.py's default (1 image at 256 px and above, else 0)."""
     if getattr(args, 'semantic_chunk', None) is not None:
         return args.semantic_chunk
-    return 4 if vae.image_size >= 256 else 0
+    return 1 if vae.image_size >= 256 else 0
 
 
 def largest_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:

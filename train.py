@@ -73,7 +73,7 @@ def get_args(argv=None):
     g.add_argument('--semantic_chunk', type=int, default=None,
                    help='decode and embed I_sen / I_cap this many images at a time, recomputed in the backward (the '
                         'same loss and gradient, the memory of N images instead of 2 x batch, one more decoder + CLIP '
-                        'forward); 0: all at once, no recompute; default: 4 at 256 px and above, else 0')
+                        'forward); 0: all at once, no recompute; default: 1 at 256 px and above, else 0')
     g.add_argument('--clip_model', default=None, help=f'open_clip model name or model folder (default {DEFAULT_CLIP[0]}, '
                    'or the backbone folder\'s clip/)')
     g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1], help='open_clip pretrained tag or checkpoint file')
@@ -118,8 +118,8 @@ def get_args(argv=None):
 def check_args(args):
     """Flags whose values no run can use: one line naming the flag, before anything is built or written."""
     at_least = {'batch_size': 1, 'max_steps': 1, 'log_every': 1, 'ckpt_every': 1, 'sample_every': 0, 'num_workers': 0,
-                'warmup_steps': 0, 'shapes_n': 1, 'semantic_chunk': 0, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0, 'weight_decay': 0,
-                'lr': 0}  # lr 0: a run that trains nothing, the untuned model in a run's clothes
+                'warmup_steps': 0, 'shapes_n': 1, 'semantic_chunk': 0, 'lora_rank': 1, 'lambda_sen': 0, 'lambda_cap': 0,
+                'weight_decay': 0, 'lr': 0}  # lr 0: a run that trains nothing, the untuned model in a run's clothes
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:  # None: a default decided later
             raise ValueError(f'--{name} must be at least {low}, got {getattr(args, name)}')
@@ -415,7 +415,7 @@ def main(argv=None):
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
         init_text_projection(parts.text_cond, clip, var, dataset)
-    chunk = args.semantic_chunk if args.semantic_chunk is not None else (4 if vae.image_size >= 256 else 0)
+    chunk = args.semantic_chunk if args.semantic_chunk is not None else (1 if vae.image_size >= 256 else 0)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
                             args.gumbel, chunk) if semantic_on else None
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
