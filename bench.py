@@ -130,7 +130,8 @@ def official_sampler(path: str, vae: VQVAE, var: VAR):
     o_vae = OfficialVQVAE(vocab_size=vae.vocab_size, z_channels=vae.Cvae, ch=vae.encoder.conv_in.out_channels,
                           test_mode=True, share_quant_resi=4, v_patch_nums=vae.patch_nums)
     o_var = OfficialVAR(vae_local=o_vae, num_classes=var.num_classes, depth=var.depth, embed_dim=var.width,
-                        num_heads=var.num_heads, norm_eps=1e-6, shared_aln=var.shared_aln, cond_drop_rate=0.1,
+                        num_heads=var.blocks[0].attn.num_heads, norm_eps=1e-6, shared_aln=var.blocks[0].shared_aln,
+                        cond_drop_rate=0.1,
                         attn_l2_norm=True, patch_nums=var.patch_nums, flash_if_available=False, fused_if_available=False)
     o_vae.load_state_dict(vae.state_dict(), strict=True)
     o_var.load_state_dict(var.state_dict(), strict=True)

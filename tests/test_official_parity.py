@@ -94,3 +94,15 @@ def test_same_samples(top_k, top_p, cfg):
     assert img_diff < 1e-5, img_diff
     no_cache = var.generate(vae, var.class_condition(label), cfg=cfg, top_k=top_k, top_p=top_p, seed=123, use_kv_cache=False)
     assert all(torch.equal(a, b) for a, b in zip(no_cache, idx))
+
+
+def test_bench_official_sampler_is_the_official_model_on_our_weights():
+    """bench.py sampling --official builds the official models from ours (same weights): the same images as ours."""
+    import bench
+    o_vae, o_var = official_models(shared_aln=False)
+    vae, var = our_models(o_vae, o_var, shared_aln=False)
+    args = type('Args', (), dict(cfg=1.5, top_k=10, top_p=0.9))()
+    label = torch.tensor([1, 4])
+    images = bench.official_sampler(OFFICIAL, vae, var)(label, 7, args)
+    ours = vae.idx_to_img(var.generate(vae, var.class_condition(label), cfg=1.5, top_k=10, top_p=0.9, seed=7)).add(1).mul(0.5)
+    assert (images - ours).abs().max().item() < 1e-5
