@@ -10,7 +10,7 @@ whether the miniature agrees).
 Tables: 1 (plain VAR vs MVP, class-to-image), 3 (text-to-image: MVP vs LoRA vs full fine-tuning), 4 (MVP vs the
 prefilled prompt: quality and peak memory), 5 (the five prompt placements), 6 (the first-scale prompt on/off, both
 tasks), 7 (tau in 4, 12, 20, 28), 8 (cross-domain transfer: MVP vs LoRA vs full fine-tuning on a shapes domain the
-backbone never saw, exported by `python shapes.py export OUT/domain_textured_N --style textured` and trained on as an
+backbone never saw, exported by `python shapes.py export OUT/domain_upside_down_N_M --style upside_down` and trained on as an
 image folder, as a user's own Food101 folder would be), sem (the semantic loss: none, sentence only, caption only,
 both; both tasks).
 Runs that several tables share (MVP's default run is in 1, 4, 5, 6, 7 and sem) train once.
@@ -62,12 +62,12 @@ RUNS = {
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
     't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
     't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
-    # Table 8's twin: the same three methods on the textured domain's image folder ({domain}: see domain_folder)
+    # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
     'x_mvp': ['--data', '{domain}'],
     'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
     'x_full': ['--data', '{domain}', '--prompt', 'full'],
 }
-DOMAIN_STYLE = 'textured'  # shapes.py's second domain
+DOMAIN_STYLE = 'upside_down'  # shapes.py's second domain
 
 # metric -> (column header, better: 'lower' or 'higher', format)
 METRICS = {

@@ -75,7 +75,7 @@ def test_dry_run_lists_the_full_grid(capsys):
     settings = len(experiments.RUNS)  # every setting is needed by some table
     assert lines[0].startswith(f'{3 * settings} runs ({settings} settings x 3 seeds)')
     assert len(commands) == 2 * 3 * settings + 1  # and the cross-domain folder's export
-    assert commands[0].startswith('python shapes.py export ') and '--style textured' in commands[0]
+    assert commands[0].startswith('python shapes.py export ') and '--style upside_down' in commands[0]
     assert sum('train.py' in c for c in commands) == sum('evaluate.py' in c for c in commands) == 3 * settings
     lora = [c for c in commands if '--prompt lora' in c]
     assert len(lora) == 6 and all('--lora_rank 8' in c and '--lr 0.001' in c for c in lora)
@@ -91,12 +91,12 @@ def test_unknown_table_is_an_error(capsys):
 
 
 def test_cross_domain_table_end_to_end(tiny_backbone, tmp_path):
-    """Table 8's twin: the textured domain is exported as an image folder, MVP, LoRA and full fine-tuning train on it
+    """Table 8's twin: the upside-down domain is exported as an image folder, MVP, LoRA and full fine-tuning train on it
     through train.py --data, and evaluate.py scores FD_clip against that folder's held-out split."""
     out, report_path = str(tmp_path / 'runs'), str(tmp_path / 'experiments.md')
     argv = ['--backbone', tiny_backbone, '--tables', '8', *TINY, '--out', out, '--report', report_path]
     assert experiments.main(argv) == 0
-    domain = os.path.join(out, 'domain_textured_32_2')
+    domain = os.path.join(out, 'domain_upside_down_32_2')
     assert sorted(os.listdir(domain)) == ['captions.jsonl', 'class_names.txt', 'test', 'train']
     assert sum(len(files) for _, _, files in os.walk(os.path.join(domain, 'test'))) == 2 * 10
     for name in ('x_mvp', 'x_lora', 'x_full'):
