@@ -423,7 +423,8 @@ def semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, 
     mark('decode I_sen + I_cap (soft tokens, decoder)')
     sen_leaf, cap_leaf = img_sen.detach().requires_grad_(True), img_cap.detach().requires_grad_(True)
     with autocast:
-        loss = semantic.score(sen_leaf, cap_leaf, sentences, captions)['semantic']
+        loss = semantic.score(semantic.clip.encode_image(sen_leaf), semantic.clip.encode_image(cap_leaf), sentences,
+                              captions)['semantic']
     mark('CLIP forward (image tower, contrastive losses)')
     loss.backward()
     mark('CLIP backward')

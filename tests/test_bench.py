@@ -164,7 +164,7 @@ def test_dataloader_table(monkeypatch, capsys):
                                                      '--step_s', '0.5']))
     assert list(rows) == ['0', '1']
     for rate, steps_per_s, keeps_up in rows.values():
-        assert float(rate) > 0 and abs(float(steps_per_s) - float(rate) / 4) < 0.01
+        assert float(rate) > 0 and abs(float(steps_per_s) - float(rate) / 4) < 0.05  # both printed rounded
         assert keeps_up == ('yes' if float(rate) >= 8 else 'no')
 
 
