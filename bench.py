@@ -347,10 +347,9 @@ def peak_rss(after_reset: bool) -> Optional[int]:
 def released_backbone(device: torch.device, depth: int, seed: int = 0):
     """The released VQVAE and VAR-d{depth} architectures (pretrained.py's, the layout of the released files) with
     random weights, the VAR's gates open: what a full-size step costs, without a download."""
-    from pretrained import released_var, released_vqvae
+    from pretrained import RANDOM, load_backbone
     torch.manual_seed(seed)
-    var = released_var(depth)
-    vae = released_vqvae(var.patch_nums)  # 512 px for d36
+    vae, var = load_backbone(RANDOM, depth)  # 512 px for d36
     open_gates(var)
     return [m.to(device).eval().requires_grad_(False) for m in (vae, var)]
 

@@ -201,9 +201,10 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
     model_name: an open_clip model name, or a folder in open_clip's local-dir layout
     (open_clip_config.json + open_clip_model.safetensors).
     pretrained: an open_clip tag ('openai', 'laion2b_s34b_b88k', ...), a checkpoint file for model_name,
-    a local-dir folder (then model_name is ignored), or None (random weights).
+    a local-dir folder (then model_name is ignored), or None / 'none' (random weights).
     """
     import open_clip
+    pretrained = None if pretrained == 'none' else pretrained
     folder = model_name if os.path.isdir(model_name) else pretrained if pretrained and os.path.isdir(pretrained) else None
     quick_gelu = False
     if folder:
@@ -224,9 +225,12 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
     return model, tokenizer
 
 
+RANDOM = 'released-random'  # the released architecture with random weights: smoke tests and benchmarks, no download
+
+
 def backbone_spec(backbone: str = 'released', depth: int = 16) -> Tuple[int, int]:
     """(image size, number of classes) of a backbone, without building or loading it."""
-    if backbone == 'released':
+    if backbone in ('released', RANDOM):
         return (512 if depth == 36 else 256), 1000
     config_path = os.path.join(backbone, 'backbone.json')
     if not os.path.isfile(config_path):
@@ -239,9 +243,14 @@ def backbone_spec(backbone: str = 'released', depth: int = 16) -> Tuple[int, int
 
 def load_backbone(backbone: str = 'released', depth: int = 16, cache_dir: Optional[str] = None,
                   device='cpu') -> Tuple[VQVAE, VAR]:
-    """'released': the official VQVAE + VAR-d{depth}; otherwise a folder written by save_backbone."""
+    """'released': the official VQVAE + VAR-d{depth}; 'released-random': their architectures with random weights (a
+    run at the released sizes without a download: it runs, it learns nothing worth sampling); otherwise a folder
+    written by save_backbone."""
     if backbone == 'released':
         return load_released(depth, cache_dir, device)
+    if backbone == RANDOM:
+        var = released_var(depth)
+        return released_vqvae(var.patch_nums).to(device).eval(), var.to(device).eval()
     config_path = os.path.join(backbone, 'backbone.json')
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f'{backbone} is neither "released" nor a backbone folder (no {config_path})')

@@ -49,7 +49,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description='MVP: tune multi-scale frame prompts of a frozen VAR.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('backbone')
-    g.add_argument('--backbone', default='released', help='"released" (the official weights) or a backbone folder')
+    g.add_argument('--backbone', default='released', help='"released" (the official weights), "released-random" (their '
+                                                          'architecture, random weights: a smoke test at full size) '
+                                                          'or a backbone folder')
     g.add_argument('--depth', type=int, default=16, help='released VAR depth: 16, 20, 24, 30 or 36')
     g.add_argument('--cache_dir', default=None, help='a plain folder of the released .pth files '
                    '(default $MVP_CACHE; none: the Hugging Face cache)')
@@ -76,7 +78,8 @@ def get_args(argv=None):
                         'forward); 0: all at once, no recompute; default: 1 at 256 px and above, else 0')
     g.add_argument('--clip_model', default=None, help=f'open_clip model name or model folder (default {DEFAULT_CLIP[0]}, '
                    'or the backbone folder\'s clip/)')
-    g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1], help='open_clip pretrained tag or checkpoint file')
+    g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1],
+                   help='open_clip pretrained tag or checkpoint file; "none": random weights (a smoke test)')
     g = p.add_argument_group('data')
     g.add_argument('--data', default=None, help='ImageNet-style folder (DATA/train/<class>/*), or "shapes"')
     g.add_argument('--captions', default=None, help='JSONL of {"path": ..., "caption": ...} (paths relative to --data)')
