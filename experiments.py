@@ -167,7 +167,8 @@ SECTIONS = [
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem')
 
 # for the time estimate: measured on this project's 2-core CPU machine, one torch thread, the shapes backbone's size
-STEP_S = {'semantic': 0.95, 'ce': 0.26}  # seconds per training step at batch 16 (the grid of docs/experiments.md)
+STEP_S = {'semantic': 1.5, 'ce': 0.41}  # seconds per step at batch 16, one thread: semantic as measured by the
+# version 2 grid beside another job; CE only at the CE / semantic ratio (0.27) measured on the version 1 grid
 EVAL_S_PER_IMAGE = 0.04  # sampling + CLIP features, per image (evaluate.py draws "before" and "after" sets)
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
