@@ -638,21 +638,39 @@ def step_notes(args, results: Dict[str, dict]) -> List[str]:
     return notes
 
 
-@benchmark(add_args=training_args)
-def training(args) -> Optional[List[dict]]:
-    """One training step (tiny random VAR, 64px, batch 16): frozen, MVP (+semantic), prefilled, LoRA, full FT."""
+def autocast_name(args) -> str:  # train.py's --dtype auto on this device, as the headers print it
     from model import auto_dtype
+    return str(auto_dtype(torch.device(args.device))).replace('torch.', '')
+
+
+def step_table(args, header: str, per_image: bool = False):
+    """The step benchmarks' common part: the header, every variant (run_variants) and the printed table:
+    (results, rows), or None inside a worker process."""
     if not args.worker:
-        dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
-        print(f'training: batch {args.batch}, tau {args.tau}, autocast {dtype} (train.py\'s --dtype auto); VAR depth 4 '
-              f'width 128 (4 heads), vocab 256, Cvae 16, patch_nums {TINY_PATCH_NUMS}; VQVAE 64px (ch 16, ch_mult '
-              f'(1, 2, 2, 4)); random weights; {"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
-              f'{args.warmup} warm-up steps + median of {args.repeats}')
+        print(header)
     results = run_variants(args)
     if results is None:
         return None
     rows = variant_rows(args, results)
+    if per_image:
+        for row, r in zip(rows, results.values()):
+            row['peak MB per image'] = 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20 / args.batch:.0f}'
     print(format_table(rows))
+    return results, rows
+
+
+@benchmark(add_args=training_args)
+def training(args) -> Optional[List[dict]]:
+    """One training step (tiny random VAR, 64px, batch 16): frozen, MVP (+semantic), prefilled, LoRA, full FT."""
+    header = (f'training: batch {args.batch}, tau {args.tau}, autocast {autocast_name(args)} (train.py\'s --dtype '
+              f'auto); VAR depth 4 width 128 (4 heads), vocab 256, Cvae 16, patch_nums {TINY_PATCH_NUMS}; VQVAE 64px '
+              f'(ch 16, ch_mult (1, 2, 2, 4)); random weights; '
+              f'{"all variants in this process" if args.in_process else "each variant in a fresh process"}, '
+              f'{args.warmup} warm-up steps + median of {args.repeats}')
+    table = step_table(args, header)
+    if table is None:
+        return None
+    results, rows = table
     args.notes = step_notes(args, results)  # main() appends them below the table to --out
     print('\n'.join(args.notes))
     return rows
@@ -674,26 +692,20 @@ def fullsize_args(parser):
 @benchmark(add_args=fullsize_args)
 def fullsize(args) -> Optional[List[dict]]:
     """One training step at the released sizes (random weights, released layout, 256 px; 512 px for d36)."""
-    from model import auto_dtype
     from pretrained import DEFAULT_CLIP, DEPTHS
     if args.depth not in DEPTHS:
         raise SystemExit(f'error: --depth {args.depth}: the released depths are {", ".join(map(str, DEPTHS))}')
     args.clip_model = args.clip_model or DEFAULT_CLIP[0]
     if args.max_batch and args.device != 'cuda':
         raise SystemExit('error: --max_batch needs --device cuda (on the CPU, memory does not run out, it swaps)')
-    if not args.worker:
-        dtype = str(auto_dtype(torch.device(args.device))).replace('torch.', '')
-        print(f'fullsize: VAR-d{args.depth} ({"512" if args.depth == 36 else "256"} px), batch {args.batch}, tau '
-              f'{args.tau}, CLIP {args.clip_model}, autocast {dtype}, compile {"on" if args.compile else "off"}; random '
-              f'weights in the released layout; each variant in a fresh process, {args.warmup} warm-up step(s) + '
-              f'median of {args.repeats}')
-    results = run_variants(args)
-    if results is None:
+    header = (f'fullsize: VAR-d{args.depth} ({"512" if args.depth == 36 else "256"} px), batch {args.batch}, tau '
+              f'{args.tau}, CLIP {args.clip_model}, autocast {autocast_name(args)}, compile '
+              f'{"on" if args.compile else "off"}; random weights in the released layout; each variant in a fresh '
+              f'process, {args.warmup} warm-up step(s) + median of {args.repeats}')
+    table = step_table(args, header, per_image=True)
+    if table is None:
         return None
-    rows = variant_rows(args, results)
-    for row, r in zip(rows, results.values()):
-        row['peak MB per image'] = 'n/a' if r['peak'] is None else f'{r["peak"] / 2 ** 20 / args.batch:.0f}'
-    print(format_table(rows))
+    results, rows = table
     notes = step_notes(args, results)
     breakdowns = {v: r['breakdown'] for v, r in results.items() if 'breakdown' in r}
     for v, stages in breakdowns.items():

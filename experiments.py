@@ -242,20 +242,18 @@ def domain_folder(args) -> str:
     return os.path.join(args.out, f'domain_{DOMAIN_STYLE}_{args.shapes_n}_{args.per_class}')
 
 
-def domain_export_command(args):
-    return [script('shapes.py'), 'export', domain_folder(args), '--style', DOMAIN_STYLE,
+def domain_export_command(args, folder: str):
+    return [script('shapes.py'), 'export', folder, '--style', DOMAIN_STYLE,
             '--train_per_class', str(max(1, args.shapes_n // 10)), '--test_per_class', str(args.per_class)]
 
 
 def export_domain(args, env):
     """The cross-domain runs' image folder, exported to a temporary folder and renamed when complete."""
-    cmd = domain_export_command(args)
-    folder = domain_folder(args)
-    partial = folder + '.part'
+    partial = domain_folder(args) + '.part'
     if os.path.isdir(partial):
         shutil.rmtree(partial)
-    subprocess.run([sys.executable, *cmd[:2], partial, *cmd[3:]], check=True, env=env)
-    os.replace(partial, folder)
+    subprocess.run([sys.executable, *domain_export_command(args, partial)], check=True, env=env)
+    os.replace(partial, domain_folder(args))
 
 
 def commands(args, name: str, seed: int):
@@ -270,7 +268,8 @@ def commands(args, name: str, seed: int):
     extra = ['--lora_rank', str(args.lora_rank)] if method == 'lora' else []
     out = run_dir(args, name, seed)
     train = [script('train.py'), '--backbone', args.backbone, *data, '--batch_size', str(args.batch_size),
-             '--max_steps', str(args.steps), '--lr', str(lr), '--warmup_steps', str(args.warmup_steps), '--seed', str(seed), '--device', args.device, '--num_workers', '0',
+             '--max_steps', str(args.steps), '--lr', str(lr), '--warmup_steps', str(args.warmup_steps),
+             '--seed', str(seed), '--device', args.device, '--num_workers', '0',
              '--sample_every', '0', '--log_every', '10', *flags, *extra, '--out_dir', out]
     evaluate = [script('evaluate.py'), '--ckpt', os.path.join(out, 'ckpt.pt'), '--per_class', str(args.per_class),
                 '--n_texts', str(args.n_texts), '--seed', str(seed), '--json', os.path.join(out, 'eval.json')]
@@ -552,7 +551,7 @@ def main(argv=None):
     cross_domain = any('--data' in RUNS[name] for name in needed_runs(args))
     if args.dry_run:
         if cross_domain:
-            print(shown(domain_export_command(args)))
+            print(shown(domain_export_command(args, domain_folder(args))))
         for name, seed in grid:
             for cmd in commands(args, name, seed):
                 print(shown(cmd))
