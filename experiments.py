@@ -195,6 +195,10 @@ def get_args(argv=None):
     p.add_argument('--threads', type=int, default=1, help='torch threads per run (OMP_NUM_THREADS)')
     p.add_argument('--out', default='runs/experiments', help='where the runs go')
     p.add_argument('--report', default='docs/experiments.md')
+    p.add_argument('--records', default=None,
+                   help='a folder for each finished run\'s small records (run.json, eval.json, config.json), to keep in '
+                        'git: runs recorded there by the same commands count as done, so a grid spread over sessions '
+                        'or machines resumes where it stopped (docs/experiments_runs holds the shipped report\'s)')
     p.add_argument('--dry_run', action='store_true', help='print the commands and the estimate, run nothing')
     args = p.parse_args(argv)
     args.table_list = [t.strip() for t in args.tables.split(',') if t.strip()]
@@ -286,6 +290,26 @@ def read_json(path: str):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report reads of a run
+
+
+def copy_records(source: str, target: str):
+    """A run's records from one run folder to another, when source has them all."""
+    if all(os.path.isfile(os.path.join(source, f)) for f in RECORD_FILES):
+        os.makedirs(target, exist_ok=True)
+        for f in RECORD_FILES:
+            shutil.copyfile(os.path.join(source, f), os.path.join(target, f))
+
+
+def restore_records(args, grid):
+    """Runs kept in --records and not finished in --out are copied there; run_one then finds them done if their
+    commands are the ones this grid would run."""
+    for name, seed in grid:
+        out = run_dir(args, name, seed)
+        if not os.path.isfile(os.path.join(out, 'eval.json')):
+            copy_records(os.path.join(args.records, name, f'seed{seed}'), out)
 
 
 def run_one(args, name: str, seed: int, env: dict) -> str:
@@ -433,13 +457,14 @@ def report(args, argv, status: dict, started: float) -> str:
                 '--lr_full', str(args.lr_full), '--lora_rank', str(args.lora_rank), '--warmup_steps', str(args.warmup_steps),
                 '--shapes_n', str(args.shapes_n), '--per_class', str(args.per_class), '--n_texts', str(args.n_texts),
                 '--device', args.device, '--jobs', str(args.jobs), '--threads', str(args.threads), '--out', args.out,
-                '--report', args.report]
+                '--report', args.report] + (['--records', args.records] if args.records else [])
     parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         '# MVP\'s tables in miniature: the shapes world', '',
         f'Written by `{shown(["experiments.py", *argv])}` on {now}, which with every setting spelled out is', '',
         f'    {shown(["experiments.py", *resolved])}', '',
-        f'{len(status)} runs (settings x seeds): {counts["done"]} run now, {counts["cached"]} found done by the same commands, '
+        f'{len(status)} runs (settings x seeds): {counts["done"]} run now, {counts["cached"]} found done by the same commands'
+        f'{f" (in {args.out}, or kept in {args.records} by an earlier session)" if args.records else ""}, '
         f'{counts["failed"]} failed. This invocation took {(time.time() - started) / 60:.1f} min; the runs\' own '
         f'training + evaluation processes took {run_seconds / 60:.1f} min in all ({args.jobs} at a time, '
         f'{args.threads} torch thread(s) each, {os.cpu_count()} CPU cores; {platform.platform()}, '
@@ -561,11 +586,15 @@ def main(argv=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED='1')
     if cross_domain and not os.path.isdir(domain_folder(args)):
         export_domain(args, env)
+    if args.records:
+        restore_records(args, grid)
     status, lock = {}, threading.Lock()
 
     def job(name, seed):
         t0 = time.time()
         result = run_one(args, name, seed, env)
+        if args.records and result != 'failed':
+            copy_records(run_dir(args, name, seed), os.path.join(args.records, name, f'seed{seed}'))
         with lock:
             status[(name, seed)] = result
             print(f'[{len(status)}/{len(grid)}] {name} seed {seed}: {result} ({time.time() - t0:.0f}s)'

@@ -3,6 +3,7 @@ train.py / evaluate.py subprocesses; ~20 s); the report's structure, the grid's 
 import json
 import os
 import re
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,19 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
         record = json.load(f)
     assert experiments.commands(experiments.get_args(argv), 'mvp', 0)[0] == record['train_cmd']
     assert experiments.commands(experiments.get_args([*argv, '--steps', '3']), 'mvp', 0)[0] != record['train_cmd']
+
+    # --records keeps each finished run's small records, from which a new machine (no run folders) resumes
+    records = str(tmp_path / 'records')
+    assert experiments.main([*argv, '--records', records]) == 0
+    assert sorted(os.listdir(os.path.join(records, 'mvp', 'seed0'))) == ['config.json', 'eval.json', 'run.json']
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert experiments.main([*argv, '--records', records]) == 0
+    assert capsys.readouterr().out.count(': cached (') == 2  # nothing trained again
+    assert not os.path.exists(os.path.join(out, 'mvp', 'seed0', 'ckpt.pt'))
+    report = open(report_path).read()
+    assert f'kept in {records} by an earlier session' in report
+    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
 
 
 def test_dry_run_lists_the_full_grid(capsys):
