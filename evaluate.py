@@ -12,7 +12,6 @@ trained: the plain VAR for class-to-image; zero prompts (or a zero LoRA update, 
 fine-tuning) and the least-squares text projection for text-to-image.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
-from pretrained import load_backbone, load_clip
+from pretrained import check_writable, load_backbone, load_clip, write_json
 from model import (DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, set_conv_layout,
                    to_uint8)
 from train import build_dataset, collate
@@ -191,6 +190,13 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='also write the results here')
     args = p.parse_args(argv)
+    for name in ('per_class', 'n_texts'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.json:
+        check_writable(args.json, '--json', create=True)
+    if args.partial_sums:
+        check_writable(args.partial_sums[1], '--partial_sums', create=True)
     if args.semantic_signal:
         print(semantic_signal(args.semantic_signal, seed=args.seed))
         return
@@ -203,8 +209,7 @@ def main(argv=None):
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg, dtype=DTYPES[args.dtype])
     print(format_results(results))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == '__main__':

@@ -252,12 +252,8 @@ def domain_export_command(args, folder: str):
 
 
 def export_domain(args, env):
-    """The cross-domain runs' image folder, exported to a temporary folder and renamed when complete."""
-    partial = domain_folder(args) + '.part'
-    if os.path.isdir(partial):
-        shutil.rmtree(partial)
-    subprocess.run([sys.executable, *domain_export_command(args, partial)], check=True, env=env)
-    os.replace(partial, domain_folder(args))
+    """The cross-domain runs' image folder (shapes.py export writes it whole or not at all)."""
+    subprocess.run([sys.executable, *domain_export_command(args, domain_folder(args))], check=True, env=env)
 
 
 def commands(args, name: str, seed: int):

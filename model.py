@@ -174,7 +174,7 @@ def save_grid(images, path: str, nrow: int = 8):
     for i in range(B):
         grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    atomic_write(path, lambda tmp: grid.save(tmp, format='PNG'))
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""

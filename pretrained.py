@@ -13,6 +13,7 @@ the repo, the file and where to put it. Everything loads with strict=True.
 """
 import json
 import os
+import tempfile
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -149,6 +150,22 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ''):
     tmp = path + '.part' + suffix
     write(tmp)
     os.replace(tmp, path)
+
+
+def check_writable(path: str, flag: str, create: bool):
+    """Before any heavy work: the folder that `path` goes in exists (or, with create, can be made) and takes a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if not create:
+            raise ValueError(f'{flag} {path}: there is no folder {folder}')
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f'{flag} {path}: cannot create the folder {folder} ({e.strerror})') from None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: permission bits alone mislead root and read-only mounts
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write into {folder} ({e.strerror})') from None
 
 
 def write_json(path: str, obj):

@@ -20,14 +20,13 @@ evaluation suite (guided-diffusion's evaluator) and of fid.py.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from model import DTYPES, auto_dtype, generate_images, load_run, save_grid, set_conv_layout, to_uint8
-from pretrained import atomic_write, load_backbone
+from pretrained import atomic_write, check_writable, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
 
@@ -71,22 +70,6 @@ def load_models(args, device):
         return load_run(args.ckpt, device, cache_dir=args.cache_dir)
     vae, var = load_backbone(args.backbone, args.depth, args.cache_dir, device)
     return {'t2i': False}, vae, var, None, None  # no trained parts: the plain VAR
-
-
-def check_writable(path: str, flag: str, create: bool):
-    """Before any sampling: the folder that `path` goes in exists (or, with create, can be made) and takes a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        if not create:
-            raise ValueError(f'{flag} {path}: there is no folder {folder}')
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f'{flag} {path}: cannot create the folder {folder} ({e.strerror})') from None
-    try:
-        tempfile.TemporaryFile(dir=folder).close()  # a real write: permission bits alone mislead root and read-only mounts
-    except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write into {folder} ({e.strerror})') from None
 
 
 def check_args(args):

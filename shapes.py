@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -432,10 +433,20 @@ def main(argv=None):
     export.add_argument("--image_size", type=int, default=IMAGE_SIZE)
     export.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for split, n in (("train", args.train_per_class), ("test", args.test_per_class)):
+    splits = (("train", args.train_per_class), ("test", args.test_per_class))
+    for split, n in splits:
         if n < 1:
             p.error(f"--{split}_per_class must be at least 1, got {n}")
-        export_image_folder(args.out, split, n, args.seed, args.image_size, args.style)
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        p.error(f"{args.out} exists: export writes a new folder")
+    partial = os.path.normpath(args.out) + ".part"  # renamed to OUT when whole: a stopped export leaves no OUT
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for split, n in splits:
+            export_image_folder(partial, split, n, args.seed, args.image_size, args.style)
+        os.replace(partial, args.out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out}: {e.strerror} ({e.filename})") from None
     print(f"wrote {args.out}: {args.train_per_class * NUM_CLASSES} train and {args.test_per_class * NUM_CLASSES} test "
           f"images ({args.style}), class_names.txt, captions.jsonl (train.py --data {args.out} --captions "
           f"{os.path.join(args.out, 'captions.jsonl')})")

@@ -42,7 +42,7 @@ from frame_prompt import PLACEMENTS, FramePrompt
 from model import (CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
                    init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, save_grid, save_prompt,
                    teacher_forcing, write_config)
-from pretrained import DEFAULT_CLIP, backbone_spec
+from pretrained import DEFAULT_CLIP, backbone_spec, check_writable
 
 
 def get_args(argv=None):
@@ -132,6 +132,10 @@ def check_args(args):
     for name in ('cond_drop', 'min_lr_ratio'):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f'--{name} must lie in [0, 1], got {getattr(args, name)}')
+    if args.captions and args.data == 'shapes':
+        raise ValueError('--captions is for an image folder (--data DIR); the shapes world has its own captions')
+    if args.captions and not os.path.isfile(args.captions):
+        raise ValueError(f'--captions {args.captions}: no such file')
 
 
 def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap')):
@@ -412,6 +416,7 @@ def main(argv=None):
     proc = setup_process(args)
     dtype = DTYPES.get(args.dtype) or auto_dtype(proc.device)
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    check_writable(os.path.join(args.out_dir, CONFIG_FILE), '--out_dir', create=True)
     ckpt, resume_path = find_resume(args)
     dataset, steps_per_epoch = training_data(args, proc.world)
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0

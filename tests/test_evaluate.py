@@ -1,6 +1,7 @@
 """evaluate.py on a tiny random backbone: the figures exist, are finite, and 'before' is the untrained model."""
 import math
 
+import pytest
 import torch
 
 import evaluate
@@ -37,3 +38,13 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     table = evaluate.format_results(results)
     assert table.splitlines()[0].startswith('| | FD_clip | attribute_accuracy | shape_accuracy |')
     assert ' ± ' in table.splitlines()[2]
+
+
+def test_cli_bad_flags_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(['--ckpt', 'unused.pt', '--per_class', '0'])
+    assert '--per_class must be at least 1' in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError) as error:  # before the (missing) checkpoint is read
+        evaluate.main(['--ckpt', 'unused.pt', '--json', str(tmp_path / 'a_file' / 'r.json')])
+    assert str(error.value).startswith('--json') and 'cannot create' in str(error.value)

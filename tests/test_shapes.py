@@ -236,3 +236,20 @@ def test_export_command_writes_a_folder_train_py_reads(tmp_path):
     image, label, sentence_, caption_ = train[3]
     assert image.shape == (3, 32, 32) and sentence_ == f"a photo of a {CLASS_NAMES[label]}"
     assert caption_.endswith(" background") and CLASS_NAMES[label] in caption_
+
+
+def test_export_command_refuses_bad_targets_before_writing(tmp_path, capsys):
+    """A zero split, an existing folder, a folder that cannot be made: one line each, and no folder left behind."""
+    with pytest.raises(SystemExit):
+        shapes.main(["export", str(tmp_path / "d"), "--test_per_class", "0", "--train_per_class", "1"])
+    assert "--test_per_class must be at least 1" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(SystemExit):
+        shapes.main(["export", str(tmp_path / "full"), "--train_per_class", "1", "--test_per_class", "1"])
+    assert "exists" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as error:
+        shapes.main(["export", str(tmp_path / "a_file" / "d"), "--train_per_class", "1", "--test_per_class", "1"])
+    assert str(error.value).startswith("error: cannot write") and "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "full"]  # no .part folder either

@@ -475,6 +475,24 @@ def test_cli_error_zero_batch_size_writes_nothing(tiny_backbone, tmp_path):
     assert not (tmp_path / 'o').exists()
 
 
+def test_cli_error_captions_that_cannot_be_used(tiny_backbone, tmp_path):
+    """A --captions file that is missing, or given with the shapes world (which has its own), is refused, not ignored."""
+    result = run_cli(['train.py', *train_argv(tiny_backbone, tmp_path / 'o', '--captions', tmp_path / 'c.jsonl')])
+    assert_one_line_error(result, '--captions', 'shapes world')
+    data = write_image_folder(tmp_path / 'data', 2)
+    result = run_cli(['train.py', '--backbone', tiny_backbone, '--device', 'cpu', *NO_SEMANTIC, '--data', data,
+                      '--captions', tmp_path / 'c.jsonl', '--out_dir', tmp_path / 'o'])
+    assert_one_line_error(result, '--captions', 'c.jsonl', 'no such file')
+    assert not (tmp_path / 'o').exists()
+
+
+def test_cli_error_out_dir_that_cannot_be_made(tiny_backbone, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = run_cli(['train.py', *train_argv(tiny_backbone, tmp_path / 'a_file' / 'o')])
+    assert_one_line_error(result, '--out_dir', 'cannot create')
+    assert 'data:' not in result.stdout  # refused before the dataset and models were built
+
+
 def write_image_folder(root, n_classes, size=IMAGE):
     for c in range(n_classes):
         (root / 'train' / f'class{c:02d}').mkdir(parents=True)
@@ -591,7 +609,7 @@ def test_sample_into_a_folder_that_refuses_writes_fails_before_sampling(tmp_path
     probes the folder with a real write."""
     def refuse(*args, **kwargs):
         raise PermissionError(13, 'Permission denied')
-    monkeypatch.setattr(sample.tempfile, 'TemporaryFile', refuse)
+    monkeypatch.setattr(pretrained.tempfile, 'TemporaryFile', refuse)
     with pytest.raises(ValueError) as error:
         sample.main(['--device', 'cpu', '--class_id', '0', '--out', str(tmp_path / 'x.png')])
     message = str(error.value)
