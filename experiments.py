@@ -288,6 +288,34 @@ def read_json(path: str):
         return None
 
 
+class LoadSampler:
+    """The machine's 1-minute load average every `every` seconds, from a daemon thread: a run's mean load over its
+    training says whether it had the CPU the grid gave it (--jobs x --threads) or shared it with other work, which
+    its train s then shows."""
+
+    def __init__(self, every: float = 15.0):
+        self.samples = []  # (time, load)
+        threading.Thread(target=self.sample, args=(every,), daemon=True).start()
+
+    def sample(self, every: float):
+        while True:
+            self.samples.append((time.time(), os.getloadavg()[0]))
+            time.sleep(every)
+
+    def mean(self, t0: float, t1: float):
+        loads = [load for t, load in self.samples if t0 <= t <= t1] or [load for t, load in self.samples if t <= t1][-1:]
+        return round(statistics.fmean(loads), 2) if loads else None  # (a run shorter than `every`: the last sample)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report reads of a run
 
 
@@ -308,7 +336,7 @@ def restore_records(args, grid):
             copy_records(os.path.join(args.records, name, f'seed{seed}'), out)
 
 
-def run_one(args, name: str, seed: int, env: dict) -> str:
+def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
     """Train and evaluate one run unless done already by the same commands; returns 'cached', 'done' or 'failed'."""
     out = run_dir(args, name, seed)
     train_cmd, eval_cmd = commands(args, name, seed)
@@ -327,7 +355,8 @@ def run_one(args, name: str, seed: int, env: dict) -> str:
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage, peak RSS included
             proc.returncode = os.waitstatus_to_exitcode(status)
         record.update(train_rc=proc.returncode, train_wall_s=round(time.time() - t0, 2),
-                      peak_mb=round(usage.ru_maxrss / 1024, 1))  # ru_maxrss is in KB on Linux
+                      peak_mb=round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KB on Linux
+                      cpu=cpu_name(), cores=os.cpu_count(), load=load.mean(t0, time.time()))
         try:  # train.py writes the count into the run's config.json
             with open(os.path.join(out, 'config.json')) as f:
                 record['trainable'] = json.load(f)['trainable_parameters']
@@ -527,8 +556,9 @@ def report(args, argv, status: dict, started: float) -> str:
                     for title, a, b, metric, text, _ in disagree] + ['']
     lines[lines.index('## How to read this'):lines.index('## How to read this')] = summary
 
+    machines = list(dict.fromkeys(machine(r) for r in records if machine(r)))
     lines += ['## All runs', '', '| run | seed | status | FD_clip before / after | class or attribute acc after | '
-              'trainable | train s | peak RSS MB | train + eval wall s |', '|---' * 9 + '|']
+              'trainable | train s | peak RSS MB | train + eval wall s | CPU | mean load |', '|---' * 11 + '|']
     for name in needed_runs(args):
         for seed in args.seed_list:
             out = run_dir(args, name, seed)
@@ -543,10 +573,25 @@ def report(args, argv, status: dict, started: float) -> str:
             fmt = lambda v, f: '–' if v is None else f.format(v)
             lines.append(f'| {name} | {seed} | {state} | {fd} | {acc} | {fmt(record.get("trainable"), "{:,}")} | '
                          f'{fmt(record.get("train_s"), "{:.1f}")} | {fmt(record.get("peak_mb"), "{:.0f}")} | '
-                         f'{wall:.0f} |')
-    lines += ['', f'Each run\'s folder `{args.out}/<run>/seed<s>/` holds its checkpoint, train.log, log.jsonl, '
-              f'eval.log, eval.json and run.json (the commands, exit codes, times, peak memory).', '']
+                         f'{wall:.0f} | {machine_key(record, machines)} | {fmt(record.get("load"), "{:.1f}")} |')
+    lines += ['', 'CPU: ' + '; '.join(f'{chr(ord("A") + i)}: {m}' for i, m in enumerate(machines)) +
+              ('; –: not recorded' if any(not r.get('cpu') for r in records) else '') + '. mean load: the machine\'s '
+              '1-minute load average over the run\'s training; above --jobs x --threads, other work shared the CPU and '
+              'train s is longer than the run alone would take. train s compares only between runs on one CPU at one '
+              'load.', '',
+              f'Each run\'s folder `{args.out}/<run>/seed<s>/` holds its checkpoint, train.log, log.jsonl, '
+              f'eval.log, eval.json and run.json (the commands, exit codes, times, peak memory, CPU and load).', '']
     return '\n'.join(lines)
+
+
+def machine(record: dict):
+    """The CPU a run ran on, as the report names it; None for a record from before experiments.py recorded it."""
+    return f'{record["cpu"]} ({record["cores"]} cores)' if record.get('cpu') else None
+
+
+def machine_key(record: dict, machines: list) -> str:
+    """A short name (A, B, ...) for the CPU a run ran on, explained under the table."""
+    return chr(ord('A') + machines.index(machine(record))) if machine(record) in machines else '–'
 
 
 def write_report(args, argv, status, started):
@@ -584,11 +629,11 @@ def main(argv=None):
         export_domain(args, env)
     if args.records:
         restore_records(args, grid)
-    status, lock = {}, threading.Lock()
+    status, lock, load = {}, threading.Lock(), LoadSampler()
 
     def job(name, seed):
         t0 = time.time()
-        result = run_one(args, name, seed, env)
+        result = run_one(args, name, seed, env, load)
         if args.records and result != 'failed':
             copy_records(run_dir(args, name, seed), os.path.join(args.records, name, f'seed{seed}'))
         with lock:

@@ -40,6 +40,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
         assert record['trainable'] == 24 * 64  # tau 20 frames of the 2x2, 3x3, 4x4 scales; prefilled: as many tokens
         assert record['peak_mb'] > 100 and record['train_s'] > 0  # a whole torch process
         assert record['train_cmd'][record['train_cmd'].index('--max_steps') + 1] == '2'
+        assert record['cpu'] == experiments.cpu_name() and record['cores'] == os.cpu_count() and record['load'] >= 0
 
     report = open(report_path).read()
     assert report.startswith('# MVP\'s tables in miniature')
@@ -58,6 +59,8 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert 'Paper: ' in report and 'Table 3' not in report  # only the tables asked for
     _, runs = table_rows(report, 'All runs')
     assert list(runs) == ['mvp', 'prefilled'] and all(cells[1] == 'done' for cells in runs.values())
+    assert all(cells[-2] == 'A' and float(cells[-1]) >= 0 for cells in runs.values())
+    assert f'A: {experiments.cpu_name()} ({os.cpu_count()} cores)' in report
 
     # resumable: the same command runs nothing again
     assert experiments.main(argv) == 0
