@@ -166,10 +166,11 @@ SECTIONS = [
 ]
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem')
 
-# for the time estimate: measured on this project's 2-core CPU machine, one torch thread, the shapes backbone's size
-STEP_S = {'semantic': 1.5, 'ce': 0.41}  # seconds per step at batch 16, one thread: semantic as measured by the
-# version 2 grid beside another job; CE only at the CE / semantic ratio (0.27) measured on the version 1 grid
-EVAL_S_PER_IMAGE = 0.04  # sampling + CLIP features, per image (evaluate.py draws "before" and "after" sets)
+# for the time estimate: measured by the version 2 grid on this project's 2-core CPU machine (an AMD EPYC without AMX,
+# bf16 autocast), two runs at a time at one torch thread each: seconds per step at batch 16 (the training loop's own
+# time over 300 steps), and per evaluated image (evaluate.py's wall time: sampling, CLIP features, the reference set)
+STEP_S = {'semantic': 2.3, 'ce': 1.25}
+EVAL_S_PER_IMAGE = 0.13
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
 
@@ -393,6 +394,13 @@ def write_json(path: str, obj):
     write_text(path, json.dumps(obj, indent=1))
 
 
+def evaluated(args, name: str, seed: int) -> bool:
+    """For the estimate: the run has an evaluation in --out or in --records (whether by the same commands, run_one
+    decides)."""
+    folders = [run_dir(args, name, seed)] + ([os.path.join(args.records, name, f'seed{seed}')] if args.records else [])
+    return any(os.path.isfile(os.path.join(folder, 'eval.json')) for folder in folders)
+
+
 def estimate_seconds(args, name: str) -> float:
     flags = RUNS[name]
     ce_only = '--lambda_sen' in flags and '--lambda_cap' in flags
@@ -608,12 +616,14 @@ def main(argv=None):
     started = time.time()
     # seed-major order: a third of the way through, every table has one seed
     grid = [(name, seed) for seed in args.seed_list for name in needed_runs(args)]
-    seconds = sum(estimate_seconds(args, name) for name, _ in grid)
+    todo = [(name, seed) for name, seed in grid if not evaluated(args, name, seed)]
+    seconds = sum(estimate_seconds(args, name) for name, _ in todo)
     print(f'{len(grid)} runs ({len(needed_runs(args))} settings x {len(args.seed_list)} seeds) for tables '
-          f'{", ".join(args.table_list)}: {2 * len(grid)} commands; estimated {seconds / 3600:.1f} h of run time, '
+          f'{", ".join(args.table_list)}, {len(grid) - len(todo)} of them evaluated already: {2 * len(todo)} commands '
+          f'to run, estimated {seconds / 3600:.1f} h of run time, '
           f'~{seconds / 3600 / max(1, min(args.jobs, os.cpu_count() or 1)):.1f} h with {args.jobs} at a time '
           f'(at {STEP_S["semantic"]} s per step at batch 16, {EVAL_S_PER_IMAGE} s per evaluated image, measured on a '
-          f'2-core CPU at one thread per run; runs already done are skipped)')
+          f'2-core CPU, two runs at a time at one thread each)')
     cross_domain = any('--data' in RUNS[name] for name in needed_runs(args))
     if args.dry_run:
         if cross_domain:

@@ -64,7 +64,8 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
 
     # resumable: the same command runs nothing again
     assert experiments.main(argv) == 0
-    assert capsys.readouterr().out.count(': cached (') == 2
+    printed = capsys.readouterr().out
+    assert printed.count(': cached (') == 2 and '2 of them evaluated already: 0 commands to run' in printed
     # a run counts as done only for the same commands: other settings (here --steps) would train it again
     with open(os.path.join(out, 'mvp', 'seed0', 'run.json')) as f:
         record = json.load(f)
