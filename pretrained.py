@@ -168,6 +168,20 @@ def check_writable(path: str, flag: str, create: bool):
         raise ValueError(f'{flag} {path}: cannot write into {folder} ({e.strerror})') from None
 
 
+def check_creatable(folder: str, flag: str):
+    """Before any heavy work, making nothing (a refused run leaves no folder): folder, or else its nearest existing
+    ancestor, is a folder that takes a file."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f'{flag} {folder}: cannot create it ({existing} is not a folder)')
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f'{flag} {folder}: cannot write into {existing} ({e.strerror})') from None
+
+
 def write_json(path: str, obj):
     def write(tmp):
         with open(tmp, 'w') as f:

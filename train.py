@@ -42,7 +42,7 @@ from frame_prompt import PLACEMENTS, FramePrompt
 from model import (CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
                    init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, save_grid, save_prompt,
                    teacher_forcing, write_config)
-from pretrained import DEFAULT_CLIP, backbone_spec, check_writable
+from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable
 
 
 def get_args(argv=None):
@@ -416,7 +416,7 @@ def main(argv=None):
     proc = setup_process(args)
     dtype = DTYPES.get(args.dtype) or auto_dtype(proc.device)
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    check_writable(os.path.join(args.out_dir, CONFIG_FILE), '--out_dir', create=True)
+    check_creatable(args.out_dir, '--out_dir')
     ckpt, resume_path = find_resume(args)
     dataset, steps_per_epoch = training_data(args, proc.world)
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
