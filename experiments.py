@@ -241,6 +241,11 @@ def run_dir(args, name: str, seed: int) -> str:
     return os.path.join(args.out, name, f'seed{seed}')
 
 
+def records_dir(args, name: str, seed: int) -> str:
+    """Where --records keeps a run's records."""
+    return os.path.join(args.records, name, f'seed{seed}')
+
+
 def domain_folder(args) -> str:
     """Where the cross-domain runs' image folder is exported: as many training images as the shapes runs get, and as
     many held-out images as FD_clip compares the class-to-image samples with."""
@@ -334,7 +339,7 @@ def restore_records(args, grid):
     for name, seed in grid:
         out = run_dir(args, name, seed)
         if not os.path.isfile(os.path.join(out, 'eval.json')):
-            copy_records(os.path.join(args.records, name, f'seed{seed}'), out)
+            copy_records(records_dir(args, name, seed), out)
 
 
 def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
@@ -397,7 +402,7 @@ def write_json(path: str, obj):
 def evaluated(args, name: str, seed: int) -> bool:
     """For the estimate: the run has an evaluation in --out or in --records (whether by the same commands, run_one
     decides)."""
-    folders = [run_dir(args, name, seed)] + ([os.path.join(args.records, name, f'seed{seed}')] if args.records else [])
+    folders = [run_dir(args, name, seed)] + ([records_dir(args, name, seed)] if args.records else [])
     return any(os.path.isfile(os.path.join(folder, 'eval.json')) for folder in folders)
 
 
@@ -565,6 +570,7 @@ def report(args, argv, status: dict, started: float) -> str:
     lines[lines.index('## How to read this'):lines.index('## How to read this')] = summary
 
     machines = list(dict.fromkeys(machine(r) for r in records if machine(r)))
+    letter = {m: chr(ord('A') + i) for i, m in enumerate(machines)}  # a short name per CPU, explained under the table
     lines += ['## All runs', '', '| run | seed | status | FD_clip before / after | class or attribute acc after | '
               'trainable | train s | peak RSS MB | train + eval wall s | CPU | mean load |', '|---' * 11 + '|']
     for name in needed_runs(args):
@@ -581,8 +587,8 @@ def report(args, argv, status: dict, started: float) -> str:
             fmt = lambda v, f: '–' if v is None else f.format(v)
             lines.append(f'| {name} | {seed} | {state} | {fd} | {acc} | {fmt(record.get("trainable"), "{:,}")} | '
                          f'{fmt(record.get("train_s"), "{:.1f}")} | {fmt(record.get("peak_mb"), "{:.0f}")} | '
-                         f'{wall:.0f} | {machine_key(record, machines)} | {fmt(record.get("load"), "{:.1f}")} |')
-    lines += ['', 'CPU: ' + '; '.join(f'{chr(ord("A") + i)}: {m}' for i, m in enumerate(machines)) +
+                         f'{wall:.0f} | {letter.get(machine(record), "–")} | {fmt(record.get("load"), "{:.1f}")} |')
+    lines += ['', 'CPU: ' + '; '.join(f'{k}: {m}' for m, k in letter.items()) +
               ('; –: not recorded' if any(not r.get('cpu') for r in records) else '') + '. mean load: the machine\'s '
               '1-minute load average over the run\'s training; above --jobs x --threads, other work shared the CPU and '
               'train s is longer than the run alone would take. train s compares only between runs on one CPU at one '
@@ -595,11 +601,6 @@ def report(args, argv, status: dict, started: float) -> str:
 def machine(record: dict):
     """The CPU a run ran on, as the report names it; None for a record from before experiments.py recorded it."""
     return f'{record["cpu"]} ({record["cores"]} cores)' if record.get('cpu') else None
-
-
-def machine_key(record: dict, machines: list) -> str:
-    """A short name (A, B, ...) for the CPU a run ran on, explained under the table."""
-    return chr(ord('A') + machines.index(machine(record))) if machine(record) in machines else '–'
 
 
 def write_report(args, argv, status, started):
@@ -645,7 +646,7 @@ def main(argv=None):
         t0 = time.time()
         result = run_one(args, name, seed, env, load)
         if args.records and result != 'failed':
-            copy_records(run_dir(args, name, seed), os.path.join(args.records, name, f'seed{seed}'))
+            copy_records(run_dir(args, name, seed), records_dir(args, name, seed))
         with lock:
             status[(name, seed)] = result
             print(f'[{len(status)}/{len(grid)}] {name} seed {seed}: {result} ({time.time() - t0:.0f}s)'

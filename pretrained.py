@@ -152,6 +152,14 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ''):
     os.replace(tmp, path)
 
 
+def probe_write(folder: str, what: str):
+    """A real write into folder: permission bits alone mislead root and read-only mounts."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f'{what}: cannot write into {folder} ({e.strerror})') from None
+
+
 def check_writable(path: str, flag: str, create: bool):
     """Before any heavy work: the folder that `path` goes in exists (or, with create, can be made) and takes a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -162,10 +170,7 @@ def check_writable(path: str, flag: str, create: bool):
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise ValueError(f'{flag} {path}: cannot create the folder {folder} ({e.strerror})') from None
-    try:
-        tempfile.TemporaryFile(dir=folder).close()  # a real write: permission bits alone mislead root and read-only mounts
-    except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write into {folder} ({e.strerror})') from None
+    probe_write(folder, f'{flag} {path}')
 
 
 def check_creatable(folder: str, flag: str):
@@ -176,10 +181,7 @@ def check_creatable(folder: str, flag: str):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f'{flag} {folder}: cannot create it ({existing} is not a folder)')
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise ValueError(f'{flag} {folder}: cannot write into {existing} ({e.strerror})') from None
+    probe_write(existing, f'{flag} {folder}')
 
 
 def write_json(path: str, obj):
