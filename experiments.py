@@ -200,6 +200,11 @@ def get_args(argv=None):
                    help='a folder for each finished run\'s small records (run.json, eval.json, config.json), to keep in '
                         'git: runs recorded there by the same commands count as done, so a grid spread over sessions '
                         'or machines resumes where it stopped (docs/experiments_runs holds the shipped report\'s)')
+    p.add_argument('--runs', default=None,
+                   help='comma-separated settings to run now, of the chosen tables\' (default: all of them); the '
+                        'report still covers every chosen table, from the runs there are')
+    p.add_argument('--report_only', action='store_true',
+                   help='run nothing: write the report from the runs there are (in --out and --records)')
     p.add_argument('--dry_run', action='store_true', help='print the commands and the estimate, run nothing')
     args = p.parse_args(argv)
     args.table_list = [t.strip() for t in args.tables.split(',') if t.strip()]
@@ -212,6 +217,11 @@ def get_args(argv=None):
         p.error(f'--seeds takes comma-separated integers, got {args.seeds!r}')
     if not args.seed_list:
         p.error('--seeds is empty')
+    settings = needed_runs(args)
+    args.run_list = settings if args.runs is None else [r.strip() for r in args.runs.split(',') if r.strip()]
+    unknown = [r for r in args.run_list if r not in settings]
+    if unknown or not args.run_list:
+        p.error(f'unknown --runs {unknown} for tables {args.tables}; choose from {", ".join(settings)}')
     if args.warmup_steps is None:
         args.warmup_steps = args.steps // 10
     return args
@@ -342,6 +352,14 @@ def restore_records(args, grid):
             copy_records(records_dir(args, name, seed), out)
 
 
+def is_cached(args, name: str, seed: int) -> bool:
+    """The run is trained and evaluated in --out by exactly the commands this grid would run."""
+    out = run_dir(args, name, seed)
+    record = read_json(os.path.join(out, 'run.json')) or {}
+    return [record.get('train_cmd'), record.get('eval_cmd')] == list(commands(args, name, seed)) \
+        and record.get('train_rc') == record.get('eval_rc') == 0 and os.path.isfile(os.path.join(out, 'eval.json'))
+
+
 def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
     """Train and evaluate one run unless done already by the same commands; returns 'cached', 'done' or 'failed'."""
     out = run_dir(args, name, seed)
@@ -349,8 +367,7 @@ def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
     record_path = os.path.join(out, 'run.json')
     record = read_json(record_path) or {}
     same_train = record.get('train_cmd') == train_cmd and record.get('train_rc') == 0
-    if same_train and record.get('eval_cmd') == eval_cmd and record.get('eval_rc') == 0 \
-            and os.path.isfile(os.path.join(out, 'eval.json')):
+    if is_cached(args, name, seed):
         return 'cached'
     os.makedirs(out, exist_ok=True)
     if not (same_train and os.path.isfile(os.path.join(out, 'ckpt.pt'))):
@@ -489,6 +506,7 @@ def report(args, argv, status: dict, started: float) -> str:
     records = [r for r in records if r]
     run_seconds = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in records)
     counts = {k: sum(v == k for v in status.values()) for k in ('done', 'cached', 'failed')}
+    total = len(needed_runs(args)) * len(args.seed_list)
     resolved = ['--backbone', args.backbone, '--tables', ','.join(args.table_list),
                 '--seeds', ','.join(map(str, args.seed_list)), '--steps', str(args.steps),
                 '--batch_size', str(args.batch_size), '--lr', str(args.lr), '--lr_lora', str(args.lr_lora),
@@ -501,9 +519,9 @@ def report(args, argv, status: dict, started: float) -> str:
         '# MVP\'s tables in miniature: the shapes world', '',
         f'Written by `{shown(["experiments.py", *argv])}` on {now}, which with every setting spelled out is', '',
         f'    {shown(["experiments.py", *resolved])}', '',
-        f'{len(status)} runs (settings x seeds): {counts["done"]} run now, {counts["cached"]} found done by the same commands'
+        f'{total} runs (settings x seeds): {counts["done"]} run now, {counts["cached"]} found done by the same commands'
         f'{f" (in {args.out}, or kept in {args.records} by an earlier session)" if args.records else ""}, '
-        f'{counts["failed"]} failed. This invocation took {(time.time() - started) / 60:.1f} min; the runs\' own '
+        f'{counts["failed"]} failed, {total - len(status)} not run yet. This invocation took {(time.time() - started) / 60:.1f} min; the runs\' own '
         f'training + evaluation processes took {run_seconds / 60:.1f} min in all ({args.jobs} at a time, '
         f'{args.threads} torch thread(s) each, {os.cpu_count()} CPU cores; {platform.platform()}, '
         f'Python {platform.python_version()}).', '',
@@ -617,19 +635,20 @@ def main(argv=None):
     started = time.time()
     # seed-major order: a third of the way through, every table has one seed
     grid = [(name, seed) for seed in args.seed_list for name in needed_runs(args)]
-    todo = [(name, seed) for name, seed in grid if not evaluated(args, name, seed)]
+    chosen = [] if args.report_only else [(name, seed) for name, seed in grid if name in args.run_list]
+    todo = [(name, seed) for name, seed in chosen if not evaluated(args, name, seed)]
     seconds = sum(estimate_seconds(args, name) for name, _ in todo)
     print(f'{len(grid)} runs ({len(needed_runs(args))} settings x {len(args.seed_list)} seeds) for tables '
-          f'{", ".join(args.table_list)}, {len(grid) - len(todo)} of them evaluated already: {2 * len(todo)} commands '
-          f'to run, estimated {seconds / 3600:.1f} h of run time, '
+          f'{", ".join(args.table_list)}, {len(chosen)} of them chosen to run, {len(chosen) - len(todo)} of those '
+          f'evaluated already: {2 * len(todo)} commands to run, estimated {seconds / 3600:.1f} h of run time, '
           f'~{seconds / 3600 / max(1, min(args.jobs, os.cpu_count() or 1)):.1f} h with {args.jobs} at a time '
           f'(at {STEP_S["semantic"]} s per step at batch 16, {EVAL_S_PER_IMAGE} s per evaluated image, measured on a '
           f'2-core CPU, two runs at a time at one thread each)')
-    cross_domain = any('--data' in RUNS[name] for name in needed_runs(args))
+    cross_domain = any('--data' in RUNS[name] for name, _ in chosen)
     if args.dry_run:
         if cross_domain:
             print(shown(domain_export_command(args, domain_folder(args))))
-        for name, seed in grid:
+        for name, seed in chosen:
             for cmd in commands(args, name, seed):
                 print(shown(cmd))
         return 0
@@ -641,6 +660,7 @@ def main(argv=None):
     if args.records:
         restore_records(args, grid)
     status, lock, load = {}, threading.Lock(), LoadSampler()
+    status.update({run: 'cached' for run in grid if run not in chosen and is_cached(args, *run)})
 
     def job(name, seed):
         t0 = time.time()
@@ -654,7 +674,7 @@ def main(argv=None):
             write_report(args, argv, status, started)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for future in [pool.submit(job, name, seed) for name, seed in grid]:
+        for future in [pool.submit(job, name, seed) for name, seed in chosen]:
             future.result()
     write_report(args, argv, status, started)
     failed = [k for k, v in status.items() if v == 'failed']

@@ -26,9 +26,19 @@ def table_rows(report: str, heading: str):
 def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     out, report_path = str(tmp_path / 'runs'), str(tmp_path / 'docs' / 'experiments.md')
     argv = ['--backbone', tiny_backbone, '--tables', '1,4', *TINY, '--out', out, '--report', report_path]
+    # --runs: only the settings named run now; the report still covers both tables
+    assert experiments.main([*argv, '--runs', 'mvp']) == 0
+    printed = capsys.readouterr().out
+    assert '2 runs (2 settings x 1 seeds) for tables 1, 4, 1 of them chosen to run' in printed
+    assert printed.count(': done (') == 1 and 'mvp seed 0: done' in printed
+    report = open(report_path).read()
+    assert '2 runs (settings x seeds): 1 run now, 0 found done by the same commands, 0 failed, 1 not run yet' in report
+    _, runs = table_rows(report, 'All runs')
+    assert runs['mvp'][1] == 'done' and runs['prefilled'][1] == 'not run'
+    assert table_rows(report, 'Table 4')[1]['+ prefilled prompt (0 of 1 seeds)'][0] == '–'
     assert experiments.main(argv) == 0
     printed = capsys.readouterr().out
-    assert '2 runs (2 settings x 1 seeds)' in printed and printed.count(': done (') == 2
+    assert printed.count(': done (') == 1 and 'mvp seed 0: cached' in printed
 
     for name in ('mvp', 'prefilled'):
         folder = os.path.join(out, name, 'seed0')
@@ -58,14 +68,14 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert '--prompt prefilled' in report and 'python evaluate.py --ckpt' in report  # the runs' commands
     assert 'Paper: ' in report and 'Table 3' not in report  # only the tables asked for
     _, runs = table_rows(report, 'All runs')
-    assert list(runs) == ['mvp', 'prefilled'] and all(cells[1] == 'done' for cells in runs.values())
+    assert list(runs) == ['mvp', 'prefilled'] and [cells[1] for cells in runs.values()] == ['cached', 'done']
     assert all(cells[-2] == 'A' and float(cells[-1]) >= 0 for cells in runs.values())
     assert f'A: {experiments.cpu_name()} ({os.cpu_count()} cores)' in report
 
     # resumable: the same command runs nothing again
     assert experiments.main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count(': cached (') == 2 and '2 of them evaluated already: 0 commands to run' in printed
+    assert printed.count(': cached (') == 2 and '2 of those evaluated already: 0 commands to run' in printed
     # a run counts as done only for the same commands: other settings (here --steps) would train it again
     with open(os.path.join(out, 'mvp', 'seed0', 'run.json')) as f:
         record = json.load(f)
@@ -84,6 +94,23 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     report = open(report_path).read()
     assert f'kept in {records} by an earlier session' in report
     assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
+
+    # --report_only: the report from the records alone, nothing run
+    shutil.rmtree(out)
+    os.remove(report_path)
+    assert experiments.main([*argv, '--records', records, '--report_only']) == 0
+    assert '0 of them chosen to run' in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, 'mvp', 'seed0', 'ckpt.pt'))
+    report = open(report_path).read()
+    assert '2 runs (settings x seeds): 0 run now, 2 found done by the same commands, 0 failed, 0 not run yet' in report
+    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
+
+
+def test_unknown_run_is_an_error(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        experiments.main(['--tables', '1', '--runs', 'mvp,t2i_mvp', '--dry_run'])
+    assert "unknown --runs ['t2i_mvp'] for tables 1; choose from mvp" in capsys.readouterr().err
 
 
 def test_dry_run_lists_the_full_grid(capsys):
