@@ -102,7 +102,8 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert '0 of them chosen to run' in capsys.readouterr().out
     assert not os.path.exists(os.path.join(out, 'mvp', 'seed0', 'ckpt.pt'))
     report = open(report_path).read()
-    assert '2 runs (settings x seeds): 0 run now, 2 found done by the same commands, 0 failed, 0 not run yet' in report
+    assert '2 runs (settings x seeds): 0 run now, 2 found done by the same commands (in ' in report
+    assert 'by an earlier session), 0 failed, 0 not run yet' in report
     assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
 
 
