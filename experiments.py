@@ -380,11 +380,8 @@ def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
         record.update(train_rc=proc.returncode, train_wall_s=round(time.time() - t0, 2),
                       peak_mb=round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KB on Linux
                       cpu=cpu_name(), cores=os.cpu_count(), load=load.mean(t0, time.time()))
-        try:  # train.py writes the count into the run's config.json
-            with open(os.path.join(out, 'config.json')) as f:
-                record['trainable'] = json.load(f)['trainable_parameters']
-        except (OSError, ValueError, KeyError):
-            record['trainable'] = None
+        config = read_json(os.path.join(out, 'config.json')) or {}  # train.py writes the count and its autocast there
+        record.update(trainable=config.get('trainable_parameters'), autocast=config.get('autocast'))
         try:
             with open(os.path.join(out, 'log.jsonl')) as f:
                 record['train_s'] = [json.loads(line) for line in f if line.strip()][-1]['time']  # the training loop
@@ -617,8 +614,12 @@ def report(args, argv, status: dict, started: float) -> str:
 
 
 def machine(record: dict):
-    """The CPU a run ran on, as the report names it; None for a record from before experiments.py recorded it."""
-    return f'{record["cpu"]} ({record["cores"]} cores)' if record.get('cpu') else None
+    """The CPU a run ran on and the autocast train.py chose there (one CPU name can cover models with and without bf16
+    matrix units), as the report names it; None for a record from before experiments.py recorded the CPU."""
+    if not record.get('cpu'):
+        return None
+    autocast = f', autocast {record["autocast"]}' if record.get('autocast') else ''
+    return f'{record["cpu"]} ({record["cores"]} cores{autocast})'
 
 
 def write_report(args, argv, status, started):

@@ -335,7 +335,8 @@ def start_run(args, parts, var, dataset, proc: Process, dtype, step: int) -> Tup
     """The run's config (its flags and trainable-parameter count, as its prompt folder records them), written to
     OUT_DIR/config.json with a summary printed, and the log to append to (the first process's alone)."""
     run_config = {**vars(args), 'trainable_parameters': sum(p.numel() for p in parts.parameters()),
-                  'var_parameters': sum(p.numel() for p in var.parameters())}  # (LoRA pairs are not the VAR's)
+                  'var_parameters': sum(p.numel() for p in var.parameters()),  # (LoRA pairs are not the VAR's)
+                  'autocast': str(dtype).removeprefix('torch.')}  # what --dtype auto chose on this machine
     if not proc.master:
         return run_config, None
     os.makedirs(args.out_dir, exist_ok=True)

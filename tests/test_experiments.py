@@ -51,6 +51,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
         assert record['peak_mb'] > 100 and record['train_s'] > 0  # a whole torch process
         assert record['train_cmd'][record['train_cmd'].index('--max_steps') + 1] == '2'
         assert record['cpu'] == experiments.cpu_name() and record['cores'] == os.cpu_count() and record['load'] >= 0
+        assert record['autocast'] in ('float32', 'bfloat16')  # train.py's --dtype auto on this CPU
 
     report = open(report_path).read()
     assert report.startswith('# MVP\'s tables in miniature')
@@ -70,7 +71,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     _, runs = table_rows(report, 'All runs')
     assert list(runs) == ['mvp', 'prefilled'] and [cells[1] for cells in runs.values()] == ['cached', 'done']
     assert all(cells[-2] == 'A' and float(cells[-1]) >= 0 for cells in runs.values())
-    assert f'A: {experiments.cpu_name()} ({os.cpu_count()} cores)' in report
+    assert f'A: {experiments.cpu_name()} ({os.cpu_count()} cores, autocast {record["autocast"]})' in report
 
     # resumable: the same command runs nothing again
     assert experiments.main(argv) == 0

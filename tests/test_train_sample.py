@@ -146,6 +146,7 @@ def test_c2i_outputs(c2i_run):
     resolved = vars(train.get_args(c2i_run['argv']))  # the resolved config, less the training machine's paths ...
     assert config.pop('trainable_parameters') == 24 * 64  # the tau-20 frame prompt of the 2x2 .. 4x4 scales, width 64
     assert config.pop('var_parameters') == sum(p.numel() for p in c2i_run['models'][1].parameters())
+    assert config.pop('autocast') == str(model.auto_dtype(torch.device('cpu'))).removeprefix('torch.')
     assert config == {k: v for k, v in resolved.items() if k not in ('cache_dir', 'out_dir', 'resume')}
     assert config['first_scale'] == 'off'  # ... with 'auto' resolved (class-to-image: the first scale is off)
 
@@ -167,7 +168,8 @@ def test_c2i_checkpoint_holds_only_the_trained_parts(c2i_run, tiny_backbone):
     ckpt = load_ckpt(path)
     assert set(ckpt) == {'config', 'step', 'parts', 'optimizer', 'scaler', 'rng'}
     assert ckpt['step'] == 4
-    counts = {'trainable_parameters': 24 * 64, 'var_parameters': sum(p.numel() for p in c2i_run['models'][1].parameters())}
+    counts = {'trainable_parameters': 24 * 64, 'var_parameters': sum(p.numel() for p in c2i_run['models'][1].parameters()),
+              'autocast': str(model.auto_dtype(torch.device('cpu'))).removeprefix('torch.')}  # --dtype auto's choice here
     assert ckpt['config'] == {**vars(train.get_args(c2i_run['argv'])), **counts}
     assert list(ckpt['parts']) == ['prompt.tokens']
     frozen_prefixes = ('blocks.', 'class_emb', 'word_embed', 'head', 'pos_', 'encoder', 'decoder', 'quantize', 'visual',
