@@ -166,11 +166,12 @@ SECTIONS = [
 ]
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem')
 
-# for the time estimate: measured by the version 2 grid on this project's 2-core CPU machine (an AMD EPYC without AMX,
-# bf16 autocast), two runs at a time at one torch thread each: seconds per step at batch 16 (the training loop's own
-# time over 300 steps), and per evaluated image (evaluate.py's wall time: sampling, CLIP features, the reference set)
-STEP_S = {'semantic': 2.3, 'ce': 1.25}
-EVAL_S_PER_IMAGE = 0.13
+# for the time estimate: measured by the version 2 grid on this project's 2-core CPU machines, two runs at a time at
+# one torch thread each: seconds per step at batch 16 (the training loop's own time over 300 steps), and per evaluated
+# image (evaluate.py's wall time: sampling, CLIP features, the reference set). Two machines, both named 'AMD EPYC':
+# one with AVX-512 (train.py's --dtype auto: bf16 autocast), one without (fp32, and slower at fp32 too)
+STEP_S = {'bfloat16': {'semantic': 2.3, 'ce': 1.25}, 'float32': {'semantic': 4.7, 'ce': 2.4}}
+EVAL_S_PER_IMAGE = {'bfloat16': 0.13, 'float32': 0.24}
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
 
@@ -420,12 +421,12 @@ def evaluated(args, name: str, seed: int) -> bool:
     return any(os.path.isfile(os.path.join(folder, 'eval.json')) for folder in folders)
 
 
-def estimate_seconds(args, name: str) -> float:
+def estimate_seconds(args, name: str, autocast: str) -> float:
     flags = RUNS[name]
     ce_only = '--lambda_sen' in flags and '--lambda_cap' in flags
-    step = STEP_S['ce' if ce_only else 'semantic'] * args.batch_size / 16
+    step = STEP_S[autocast]['ce' if ce_only else 'semantic'] * args.batch_size / 16
     images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
-    return START_S + args.steps * step + images * EVAL_S_PER_IMAGE
+    return START_S + args.steps * step + images * EVAL_S_PER_IMAGE[autocast]
 
 
 # -----------------------------------------------------------------------------
@@ -638,13 +639,15 @@ def main(argv=None):
     grid = [(name, seed) for seed in args.seed_list for name in needed_runs(args)]
     chosen = [] if args.report_only else [(name, seed) for name, seed in grid if name in args.run_list]
     todo = [(name, seed) for name, seed in chosen if not evaluated(args, name, seed)]
-    seconds = sum(estimate_seconds(args, name) for name, _ in todo)
+    hours = {a: sum(estimate_seconds(args, name, a) for name, _ in todo) / 3600 for a in STEP_S}
+    parallel = max(1, min(args.jobs, os.cpu_count() or 1))
     print(f'{len(grid)} runs ({len(needed_runs(args))} settings x {len(args.seed_list)} seeds) for tables '
           f'{", ".join(args.table_list)}, {len(chosen)} of them chosen to run, {len(chosen) - len(todo)} of those '
-          f'evaluated already: {2 * len(todo)} commands to run, estimated {seconds / 3600:.1f} h of run time, '
-          f'~{seconds / 3600 / max(1, min(args.jobs, os.cpu_count() or 1)):.1f} h with {args.jobs} at a time '
-          f'(at {STEP_S["semantic"]} s per step at batch 16, {EVAL_S_PER_IMAGE} s per evaluated image, measured on a '
-          f'2-core CPU, two runs at a time at one thread each)')
+          f'evaluated already: {2 * len(todo)} commands to run, estimated {hours["bfloat16"]:.1f} h of run time, '
+          f'~{hours["bfloat16"] / parallel:.1f} h with {args.jobs} at a time (at {STEP_S["bfloat16"]["semantic"]} s '
+          f'per step at batch 16, {EVAL_S_PER_IMAGE["bfloat16"]} s per evaluated image, measured on a 2-core CPU with '
+          f'bf16 autocast, two runs at a time at one thread each; ~{hours["float32"] / parallel:.1f} h on the 2-core '
+          f'CPU without AVX-512, which trains in fp32)')
     cross_domain = any('--data' in RUNS[name] for name, _ in chosen)
     if args.dry_run:
         if cross_domain:
