@@ -575,10 +575,14 @@ def report(args, argv, status: dict, started: float) -> str:
                 train_cmd, eval_cmd = commands(args, name, args.seed_list[0])
                 lines += [f'    {shown(train_cmd)}', f'    {shown(eval_cmd)}']
         lines.append('')
-    agree = sum(v[5] is True for v in all_verdicts)
+    agree = [v for v in all_verdicts if v[5] is True]
     disagree = [v for v in all_verdicts if v[5] is False]
-    summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {agree} agree, {len(disagree)} disagree, '
-               f'{len(all_verdicts) - agree - len(disagree)} are ties or have no results yet', '']
+    clearly = lambda verdicts: sum(': clear)' in v[4] for v in verdicts)  # paired over seeds, beyond 2 SE
+    summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {len(agree)} agree '
+               f'({clearly(agree)} clearly), {len(disagree)} disagree ({clearly(disagree)} clearly), '
+               f'{len(all_verdicts) - len(agree) - len(disagree)} are ties or have no results yet', '',
+               '"Clearly": the paired difference over two or more seeds exceeds twice its standard error; the '
+               'others have one seed or lie within noise.', '']
     if disagree:
         summary += ['Where the miniature disagrees:', '']
         summary += [f'- {title}: {a} vs {b} on {METRICS[metric][0]}: {text.split(": **")[0]}'
