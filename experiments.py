@@ -75,13 +75,14 @@ METRICS = {
     'class_accuracy': ('class acc ↑', 'higher', '{:.3f}'),
     'clip_score': ('CLIP-score ↑', 'higher', '{:.2f}'),
     'attribute_accuracy': ('attribute acc ↑', 'higher', '{:.3f}'),
+    'shape_accuracy': ('of it, shape ↑', 'higher', '{:.3f}'),  # the attribute that moves most here
     'trainable': ('trainable params', 'lower', '{:,.0f}'),
     'trainable_pct': ('% of VAR', 'lower', '{:.2f}'),
     'train_s': ('train s', 'lower', '{:.1f}'),
     'peak_mb': ('peak RSS MB', 'lower', '{:.0f}'),
 }
 C2I = ('FD_clip', 'class_accuracy', 'trainable', 'train_s')
-T2I = ('FD_clip', 'clip_score', 'attribute_accuracy', 'trainable', 'train_s')
+T2I = ('FD_clip', 'clip_score', 'attribute_accuracy', 'shape_accuracy', 'trainable', 'train_s')
 
 # One section per table (Table 6 and sem have one per task). A row: (label, run, 'before' or 'after'): 'before' is
 # evaluate.py's untrained model of that run. A claim, the paper's finding: (row a, row b, metric): a beats b on it.
@@ -539,7 +540,8 @@ def report(args, argv, status: dict, started: float) -> str:
         f'backbone\'s own tiny CLIP (not Inception: not an FID, and not comparable with the paper\'s numbers, only '
         f'the direction is). class acc: the fraction of class-to-image samples the shape classifier assigns to their '
         f'class (the stand-in for IS). CLIP-score: 100 x cosine of image and caption in the tiny CLIP. attribute '
-        f'acc: the fraction of the caption\'s shape, colour, size, position and background the image shows.',
+        f'acc: the fraction of the caption\'s shape, colour, size, position and background the image shows; "of it, '
+        f'shape": how often the image shows the caption\'s shape (the shape classifier).',
         '- "VAR (no tuning)" / "untuned" rows: evaluate.py\'s "before" model of that run (the plain VAR; for '
         'text-to-image the least-squares text projection with zero prompts).',
         '- trainable params: what train.py trains (printed by it). train s: seconds of the training loop (the last '
