@@ -476,11 +476,12 @@ def cell(values: dict, metric: str) -> str:
 
 
 def verdict(a: dict, b: dict, metric: str):
-    """Does a beat b on metric? Paired over the seeds both have: (text, agrees or None)."""
+    """Does a beat b on metric? Paired over the seeds both have: (text, agrees or None, whether the difference is
+    clear: two or more seeds, beyond twice its standard error)."""
     seeds = sorted(set(a.get(metric, {})) & set(b.get(metric, {})))
     seeds = [s for s in seeds if a[metric][s] is not None and b[metric][s] is not None]
     if not seeds:
-        return 'no results yet', None
+        return 'no results yet', None, False
     fmt = METRICS[metric][2]
     diffs = [a[metric][s] - b[metric][s] for s in seeds]
     d = statistics.fmean(diffs)
@@ -489,14 +490,15 @@ def verdict(a: dict, b: dict, metric: str):
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     text = f'{fmt.format(ma)} vs {fmt.format(mb)}, difference {d:+.4g}'
     if d == 0:
-        return text + ': a tie', None
+        return text + ': a tie', None, False
+    clear = se is not None and abs(d) > 2 * se
     if se is None:
         noise = ' (1 seed: no error bar)'
-    elif abs(d) > 2 * se:
+    elif clear:
         noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: clear)'
     else:
         noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: within noise)'
-    return text + noise + (': **agrees**' if better else ': **disagrees**'), better
+    return text + noise + (': **agrees**' if better else ': **disagrees**'), better, clear
 
 
 def report(args, argv, status: dict, started: float) -> str:
@@ -565,8 +567,8 @@ def report(args, argv, status: dict, started: float) -> str:
             lines.append(f'| {label}{suffix} | ' + ' | '.join(cell(values, m) for m in metrics) + ' |')
         lines += ['', 'Paper vs here:', '']
         for a, b, metric in sec['claims']:
-            text, agrees = verdict(rows[a], rows[b], metric)
-            all_verdicts.append((sec['title'], a, b, metric, text, agrees))
+            text, agrees, clear = verdict(rows[a], rows[b], metric)
+            all_verdicts.append((sec['title'], a, b, metric, text, agrees, clear))
             lines.append(f'- {a} beats {b} on {METRICS[metric][0]}: {text}')
         lines += ['', f'Commands (seed {args.seed_list[0]}; the other seeds change `--seed`, the run folder and, for the '
                   f'random placement, `--placement_seed`):', '']
@@ -579,7 +581,7 @@ def report(args, argv, status: dict, started: float) -> str:
         lines.append('')
     agree = [v for v in all_verdicts if v[5] is True]
     disagree = [v for v in all_verdicts if v[5] is False]
-    clearly = lambda verdicts: sum(': clear)' in v[4] for v in verdicts)  # paired over seeds, beyond 2 SE
+    clearly = lambda verdicts: sum(v[6] for v in verdicts)
     summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {len(agree)} agree '
                f'({clearly(agree)} clearly), {len(disagree)} disagree ({clearly(disagree)} clearly), '
                f'{len(all_verdicts) - len(agree) - len(disagree)} are ties or have no results yet', '',
@@ -588,7 +590,7 @@ def report(args, argv, status: dict, started: float) -> str:
     if disagree:
         summary += ['Where the miniature disagrees:', '']
         summary += [f'- {title}: {a} vs {b} on {METRICS[metric][0]}: {text.split(": **")[0]}'
-                    for title, a, b, metric, text, _ in disagree] + ['']
+                    for title, a, b, metric, text, _, _ in disagree] + ['']
     lines[lines.index('## How to read this'):lines.index('## How to read this')] = summary
 
     machines = list(dict.fromkeys(machine(r) for r in records if machine(r)))
