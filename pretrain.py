@@ -382,8 +382,8 @@ def train_classifier(args):
 
 @torch.no_grad()
 def evaluate_classifier(args) -> dict:
-    """The saved (fp16-rounded) classifier on 1000 held-out renders."""
-    images, items = rendered('test', 1000, args.seed + 1)
+    """The saved (fp16-rounded) classifier on gate_per_class x 10 held-out renders (1000 by default)."""
+    images, items = rendered('test', args.gate_per_class * shapes.NUM_CLASSES, args.seed + 1)
     model, x = shapes.load_shape_classifier(args.out), to_input(images)
     pred = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
     return {'heldout_accuracy': round((pred == torch.tensor([a['label'] for a in items])).float().mean().item(), 3)}
@@ -470,7 +470,7 @@ def main(argv=None):
     p.add_argument('--var_steps', type=int, default=6000)
     p.add_argument('--var_batch', type=int, default=256)
     p.add_argument('--var_lr', type=float, default=1e-3)
-    p.add_argument('--gate_per_class', type=int, default=100, help='held-out images (VQVAE) and samples (VAR) per class for the gates')
+    p.add_argument('--gate_per_class', type=int, default=100, help='held-out images (VQVAE, classifier) and samples (VAR) per class for the gates')
     p.add_argument('--cfg', type=float, default=1.5, help='guidance of the VAR gates\' samples (evaluate.py\'s default)')
     p.add_argument('--top_k', type=int, default=900, help='top-k of the VAR gates\' samples (evaluate.py\'s default)')
     p.add_argument('--top_p', type=float, default=0.96, help='top-p of the VAR gates\' samples (evaluate.py\'s default)')

@@ -54,7 +54,8 @@ def test_written_models_load_strictly_and_run(pretrained_folder):
 
 def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     """A stage killed after its step-2 state was saved, run again, ends with the same weights as a run never stopped."""
-    flags = ['--stage', 'classifier', '--n_train', '64', '--classifier_steps', '4', '--ckpt_every', '2', '--device', 'cpu']
+    flags = ['--stage', 'classifier', '--n_train', '64', '--classifier_steps', '4', '--ckpt_every', '2', '--gate_per_class', '2',
+             '--device', 'cpu']
     pretrain.main(flags + ['--out', str(tmp_path / 'whole')])
 
     class Killed(Exception):
@@ -79,7 +80,7 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 def test_evaluate_rewrites_a_report_from_the_saved_files(pretrained_folder):
     before = report(pretrained_folder, 'classifier')
-    pretrain.main(['--stage', 'classifier', '--out', pretrained_folder, '--evaluate', '--device', 'cpu'])
+    pretrain.main(['--stage', 'classifier', '--out', pretrained_folder, '--evaluate', '--gate_per_class', '2', '--device', 'cpu'])
     assert report(pretrained_folder, 'classifier') == before  # same files, same figures, training figures kept
 
 
