@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,12 +32,24 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     var = report(pretrained_folder, 'var')
     assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 2 * shapes.NUM_CLASSES
     assert var['fd_clip_samples'] > 0 and var['fd_clip_reconstructions'] > 0 and var['cfg'] == 1.5
+    assert set(var['attribute_tv_samples']) == set(pretrain.READ_ATTRIBUTES)
+    assert all(0 <= tv <= 1 for tv in var['attribute_tv_reconstructions'].values())
     assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
     decoder = report(pretrained_folder, 'decoder')
     assert decoder['kappa'] == 4 and 0 <= decoder['clip_names_class_at_kappa'] <= 1
     assert all(0 < decoder[f'scale{k}_psnr_db'] < 60 for k in range(1, len(pretrain.PATCH_NUMS) + 1))
     assert all(report(pretrained_folder, s)['steps'] > 0 for s in ('vqvae', 'decoder', 'var', 'clip', 'classifier'))
+
+
+def test_attribute_tv_is_zero_for_one_distribution_and_grows_as_one_attribute_moves():
+    items = [a for a in shapes.make_split('test', 240, seed=1) if a['colour'] != 'white'][:200]
+    renders = np.stack([shapes.render(a) for a in items])
+    assert pretrain.attribute_tv(renders, renders) == {key: 0.0 for key in pretrain.READ_ATTRIBUTES}
+    on_white = np.stack([shapes.render({**a, 'background': 'white'}) for a in items])
+    tv = pretrain.attribute_tv(on_white, renders)
+    # every background white against about a third of the references' (white shapes left out)
+    assert tv['background'] > 0.5 and tv['position'] < 0.1
 
 
 def test_written_models_load_strictly_and_run(pretrained_folder):
