@@ -81,6 +81,7 @@ METRICS = {
     'train_s': ('train s', 'lower', '{:.1f}'),
     'peak_mb': ('peak RSS MB', 'lower', '{:.0f}'),
 }
+MACHINE_BOUND = ('train_s',)  # metrics that depend on the CPU a run ran on (verdict pairs same-machine seeds only)
 C2I = ('FD_clip', 'class_accuracy', 'trainable', 'train_s')
 T2I = ('FD_clip', 'clip_score', 'attribute_accuracy', 'shape_accuracy', 'trainable', 'train_s')
 
@@ -446,6 +447,7 @@ def collect(args, name: str, which: str):
         row = dict(results[which])
         if which == 'after':
             row.update({k: record.get(k) for k in ('trainable', 'train_s', 'peak_mb')})
+            row['machine'] = machine(record)
             config = read_json(os.path.join(out, 'config.json')) or {}
             if row['trainable'] is not None and config.get('var_parameters'):
                 row['trainable_pct'] = 100 * row['trainable'] / config['var_parameters']
@@ -476,12 +478,17 @@ def cell(values: dict, metric: str) -> str:
 
 
 def verdict(a: dict, b: dict, metric: str):
-    """Does a beat b on metric? Paired over the seeds both have: (text, agrees or None, whether the difference is
-    clear: two or more seeds, beyond twice its standard error)."""
+    """Does a beat b on metric? Paired over the seeds both have (for a time, the seeds whose two runs ran on one
+    machine): (text, agrees or None, whether the difference is clear: two or more seeds, beyond twice its standard
+    error)."""
     seeds = sorted(set(a.get(metric, {})) & set(b.get(metric, {})))
     seeds = [s for s in seeds if a[metric][s] is not None and b[metric][s] is not None]
     if not seeds:
         return 'no results yet', None, False
+    if metric in MACHINE_BOUND:  # a time compares only between runs on one machine: pair those seeds alone
+        seeds = [s for s in seeds if a['machine'].get(s) is not None and a['machine'][s] == b['machine'].get(s)]
+        if not seeds:
+            return 'no seed ran both runs on one machine', None, False
     fmt = METRICS[metric][2]
     diffs = [a[metric][s] - b[metric][s] for s in seeds]
     d = statistics.fmean(diffs)
@@ -547,7 +554,8 @@ def report(args, argv, status: dict, started: float) -> str:
         '- "VAR (no tuning)" / "untuned" rows: evaluate.py\'s "before" model of that run (the plain VAR; for '
         'text-to-image the least-squares text projection with zero prompts).',
         '- trainable params: what train.py trains (printed by it). train s: seconds of the training loop (the last '
-        'row of log.jsonl), not process start-up or evaluation; with several runs at a time they share the CPU.',
+        'row of log.jsonl), not process start-up or evaluation; with several runs at a time they share the CPU. '
+        'A comparison of train s pairs only the seeds whose two runs ran on one machine (the All runs table\'s CPU).',
         f'- peak RSS MB (Table 4): the peak resident memory of the whole train.py process (ru_maxrss from wait4): '
         f'Python, torch, the frozen VQVAE, VAR and CLIP, the data and the training itself, the CPU\'s analogue of '
         f'the paper\'s peak GPU memory. On Linux it can also hold the RSS of the launching experiments.py at the '

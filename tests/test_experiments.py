@@ -160,3 +160,15 @@ def test_cross_domain_table_end_to_end(tiny_backbone, tmp_path):
     assert 0 < float(rows['MVP'][3]) < float(rows['LoRA'][3]) < 100
     assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', rows['MVP'][0])  # one seed: the value and its evaluation SE
     assert 'shapes.py export' in report or 'x_mvp' in report
+
+
+def test_a_time_is_compared_only_between_runs_on_one_machine():
+    a = {'FD_clip': {0: 1.0, 1: 2.0, 2: 3.0}, 'train_s': {0: 100.0, 1: 300.0, 2: 110.0},
+         'machine': {0: 'A', 1: 'B', 2: 'A'}}
+    b = {'FD_clip': {0: 2.0, 1: 3.5, 2: 4.5}, 'train_s': {0: 120.0, 1: 150.0, 2: 125.0},
+         'machine': {0: 'A', 1: 'A', 2: 'A'}}
+    text, agrees, _ = experiments.verdict(a, b, 'train_s')
+    assert '2 seeds' in text and agrees  # seed 1 ran a on the slower machine B and is left out
+    assert '3 seeds' in experiments.verdict(a, b, 'FD_clip')[0]  # quality pairs every seed
+    b['machine'] = {0: 'B', 1: 'A', 2: 'B'}
+    assert experiments.verdict(a, b, 'train_s') == ('no seed ran both runs on one machine', None, False)
