@@ -348,23 +348,28 @@ def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: b
         report['fd_clip_reconstructions'] = round(fd_clip(features, to_uint8(recon), reference_stats), 3)
         report['fd_ratio'] = round(report['fd_clip_samples'] / report['fd_clip_reconstructions'], 2)
         # where FD_clip's gap comes from: the attributes a class leaves free, as the pixel reader sees them
-        report['attribute_tv_samples'] = attribute_tv(to_uint8(images), reference)
-        report['attribute_tv_reconstructions'] = attribute_tv(to_uint8(recon), reference)
+        seen = {name: attribute_distributions(batch) for name, batch in
+                (('samples', to_uint8(images)), ('reconstructions', to_uint8(recon)), ('renders', reference))}
+        report['attribute_tv_samples'] = attribute_tv(seen['samples'], seen['renders'])
+        report['attribute_tv_reconstructions'] = attribute_tv(seen['reconstructions'], seen['renders'])
+        report['attributes_samples'], report['attributes_renders'] = seen['samples'], seen['renders']
     return report
 
 
 READ_ATTRIBUTES = ('colour', 'size', 'position', 'background')  # shapes.read_attributes; the shape is the class
 
 
-def attribute_tv(images: np.ndarray, reference: np.ndarray) -> dict:
-    """{attribute: total variation distance between its distribution over images and over reference}, both
-    (N, H, W, 3) uint8, as shapes.read_attributes reads them ('none' where it finds no shape). 0 is the same
-    distribution, 1 disjoint; two samples of one distribution still differ by a little (the reconstructions' figure)."""
-    def distributions(batch) -> dict:  # {attribute: {value: fraction of batch}}
-        reads = [shapes.read_attributes(image) for image in batch]
-        return {key: {value: count / len(batch) for value, count in Counter(r.get(key, 'none') for r in reads).items()}
-                for key in READ_ATTRIBUTES}
-    p, q = distributions(images), distributions(reference)
+def attribute_distributions(images: np.ndarray) -> dict:
+    """{attribute: {value: fraction of images}} as shapes.read_attributes reads (N, H, W, 3) uint8 images ('none'
+    where it finds no shape)."""
+    reads = [shapes.read_attributes(image) for image in images]
+    return {key: {value: round(count / len(images), 3) for value, count in
+                  sorted(Counter(r.get(key, 'none') for r in reads).items())} for key in READ_ATTRIBUTES}
+
+
+def attribute_tv(p: dict, q: dict) -> dict:
+    """{attribute: total variation distance between two attribute_distributions}: 0 the same, 1 disjoint; two samples
+    of one distribution still differ by a little (the reconstructions' figure in the VAR report)."""
     return {key: round(0.5 * sum(abs(p[key].get(v, 0.0) - q[key].get(v, 0.0)) for v in p[key].keys() | q[key].keys()), 3)
             for key in READ_ATTRIBUTES}
 

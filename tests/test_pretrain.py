@@ -34,6 +34,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     assert var['fd_clip_samples'] > 0 and var['fd_clip_reconstructions'] > 0 and var['cfg'] == 1.5
     assert set(var['attribute_tv_samples']) == set(pretrain.READ_ATTRIBUTES)
     assert all(0 <= tv <= 1 for tv in var['attribute_tv_reconstructions'].values())
+    assert set(var['attributes_samples']['size']) <= {'small', 'medium', 'large', 'none'}
     assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
     decoder = report(pretrained_folder, 'decoder')
@@ -45,9 +46,12 @@ def test_every_stage_reports_its_gate(pretrained_folder):
 def test_attribute_tv_is_zero_for_one_distribution_and_grows_as_one_attribute_moves():
     items = [a for a in shapes.make_split('test', 240, seed=1) if a['colour'] != 'white'][:200]
     renders = np.stack([shapes.render(a) for a in items])
-    assert pretrain.attribute_tv(renders, renders) == {key: 0.0 for key in pretrain.READ_ATTRIBUTES}
+    seen = pretrain.attribute_distributions(renders)
+    assert all(abs(sum(fractions.values()) - 1) < 0.01 for fractions in seen.values())
+    assert pretrain.attribute_tv(seen, seen) == {key: 0.0 for key in pretrain.READ_ATTRIBUTES}
     on_white = np.stack([shapes.render({**a, 'background': 'white'}) for a in items])
-    tv = pretrain.attribute_tv(on_white, renders)
+    assert pretrain.attribute_distributions(on_white)['background'] == {'white': 1.0}
+    tv = pretrain.attribute_tv(pretrain.attribute_distributions(on_white), seen)
     # every background white against about a third of the references' (white shapes left out)
     assert tv['background'] > 0.5 and tv['position'] < 0.1
 
