@@ -52,7 +52,7 @@ def test_attribute_tv_is_zero_for_one_distribution_and_grows_as_one_attribute_mo
     on_white = np.stack([shapes.render({**a, 'background': 'white'}) for a in items])
     assert pretrain.attribute_distributions(on_white)['background'] == {'white': 1.0}
     tv = pretrain.attribute_tv(pretrain.attribute_distributions(on_white), seen)
-    # every background white against about a third of the references' (white shapes left out)
+    # every background white against about a quarter of the references' (white shapes left out)
     assert tv['background'] > 0.5 and tv['position'] < 0.1
 
 
