@@ -344,19 +344,20 @@ def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: b
         reference_stats = feature_statistics(features.images(reference))
         x = to_input(rendered('test', len(labels), 2)[0], device)
         recon = torch.cat([vae.reconstruct(x[i:i + 250]) for i in range(0, len(x), 250)]).add(1).mul(0.5)
-        report['fd_clip_samples'] = round(fd_clip(features, to_uint8(images), reference_stats), 3)
-        report['fd_clip_reconstructions'] = round(fd_clip(features, to_uint8(recon), reference_stats), 3)
+        samples, reconstructions = to_uint8(images), to_uint8(recon)  # (N, H, W, 3) uint8
+        report['fd_clip_samples'] = round(fd_clip(features, samples, reference_stats), 3)
+        report['fd_clip_reconstructions'] = round(fd_clip(features, reconstructions, reference_stats), 3)
         report['fd_ratio'] = round(report['fd_clip_samples'] / report['fd_clip_reconstructions'], 2)
         # where FD_clip's gap comes from: the attributes a class leaves free, as the pixel reader sees them
         seen = {name: attribute_distributions(batch) for name, batch in
-                (('samples', to_uint8(images)), ('reconstructions', to_uint8(recon)), ('renders', reference))}
+                (('samples', samples), ('reconstructions', reconstructions), ('renders', reference))}
         report['attribute_tv_samples'] = attribute_tv(seen['samples'], seen['renders'])
         report['attribute_tv_reconstructions'] = attribute_tv(seen['reconstructions'], seen['renders'])
         report['attributes_samples'], report['attributes_renders'] = seen['samples'], seen['renders']
     return report
 
 
-READ_ATTRIBUTES = ('colour', 'size', 'position', 'background')  # shapes.read_attributes; the shape is the class
+READ_ATTRIBUTES = tuple(a for a in shapes.ATTRIBUTES if a != 'shape')  # what read_attributes reads; shape = class
 
 
 def attribute_distributions(images: np.ndarray) -> dict:
