@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import shapes
-from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
+from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import check_writable, load_backbone, load_clip, write_json
 from model import (DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, set_conv_layout,
@@ -155,6 +155,61 @@ def semantic_signal(backbone: str, batches: int = 4, batch_size: int = 16, seed:
     return '\n'.join(lines)
 
 
+def class_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                epochs: int = 20, seed: int = 0) -> float:
+    """Held-out accuracy of a two-layer MLP trained to name the class from features (N, ...): how much of the class
+    any judge could read from them, not only CLIP. Features are standardised with the training set's statistics."""
+    torch.manual_seed(seed)
+    train_x, test_x = train_x.flatten(1).float(), test_x.flatten(1).float()
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(train_y.max()) + 1
+    mlp = torch.nn.Sequential(torch.nn.Linear(train_x.shape[1], 512), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, num_classes))
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.05)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train_x)).split(128):
+            loss = F.cross_entropy(mlp(train_x[batch]), train_y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (mlp.eval()(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def coarse_probe(backbone: str, n_train: int = 8000, n_test: int = 1000, seed: int = 0) -> str:
+    """Where the class is lost on the way to I_sen (the README's table): class_probe on the VQVAE's latent of
+    held-out renders, before and after each step that turns it into f_hat_kappa, what I_sen decodes (Eq. 7)."""
+    vae, _ = load_backbone(backbone)
+    kappa = inter_anchor(0.6, len(vae.patch_nums))
+    pn = vae.patch_nums[kappa - 1]
+
+    @torch.no_grad()
+    def views(split: str, n: int, split_seed: int):
+        items = shapes.make_split(split, n, split_seed)
+        rows = {}
+        for begin in range(0, n, 250):
+            x = torch.stack([shapes.to_tensor(shapes.render(a, vae.image_size)) for a in items[begin:begin + 250]])
+            z_BChw = vae.quant_conv(vae.encoder(x)).float()
+            f_hats = vae.quantize.residual_quantize(z_BChw)[1]
+            for name, v in ((f'the latent, {z_BChw.shape[-1]}x{z_BChw.shape[-1]}', z_BChw),
+                            (f'the latent area-averaged to {pn}x{pn} (scale kappa = {kappa}), not quantized',
+                             F.adaptive_avg_pool2d(z_BChw, pn)),
+                            (f"f_hat_kappa: the image's own tokens, scales 1..{kappa} (what I_sen decodes)",
+                             f_hats[kappa - 1]),
+                            ('f_hat_K: all scales (what the reconstruction decodes)', f_hats[-1])):
+                rows.setdefault(name, []).append(v)
+        return {name: torch.cat(v) for name, v in rows.items()}, torch.tensor([a['label'] for a in items])
+
+    (train_views, train_y), (test_views, test_y) = views('train', n_train, seed), views('test', n_test, seed + 1)
+    lines = [f'class_probe (MLP, {n_train} training renders, {n_test} held-out; chance {1 / (int(train_y.max()) + 1):.0%})',
+             '| features | held-out accuracy |', '|---|---|']
+    for name in train_views:
+        accuracy = class_probe(train_views[name], train_y, test_views[name], test_y, seed=seed)
+        lines.append(f'| {name} | {accuracy:.1%} |')
+    return '\n'.join(lines)
+
+
 @torch.no_grad()
 def partial_sums_figure(backbone: str, path: str, n: int = 8):
     """A PNG: n held-out renders (top row) and, below, the image decoded from its own tokens up to scale 1, 2, ..., K
@@ -180,6 +235,8 @@ def main(argv=None):
     p.add_argument('--ckpt', help='a checkpoint of train.py run on a shapes backbone')
     p.add_argument('--semantic_signal', metavar='BACKBONE', help='instead: the semantic loss on images decoded in '
                    'several ways from a shapes backbone folder (the README\'s table)')
+    p.add_argument('--coarse_probe', metavar='BACKBONE', help='instead: how well an MLP names the class from a shapes '
+                   'backbone\'s latents, averaged and quantized down to I_sen\'s scale (the README\'s table)')
     p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '
                    'decoded from their own tokens up to every scale')
     p.add_argument('--per_class', type=int, default=20, help='class-to-image samples per class')
@@ -200,12 +257,15 @@ def main(argv=None):
     if args.semantic_signal:
         print(semantic_signal(args.semantic_signal, seed=args.seed))
         return
+    if args.coarse_probe:
+        print(coarse_probe(args.coarse_probe, seed=args.seed))
+        return
     if args.partial_sums:
         partial_sums_figure(*args.partial_sums)
         print(f'wrote {args.partial_sums[1]}')
         return
     if not args.ckpt:
-        p.error('--ckpt, --semantic_signal or --partial_sums is required')
+        p.error('--ckpt, --semantic_signal, --coarse_probe or --partial_sums is required')
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg, dtype=DTYPES[args.dtype])
     print(format_results(results))
     if args.json:

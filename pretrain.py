@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import shapes
 from clip_loss import contrastive_loss
 from pretrained import load_backbone, save_backbone, write_json
-from model import atomic_save, generate_images, to_uint8
+from model import DTYPES, atomic_save, auto_dtype, generate_images, to_uint8
 from train import warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
@@ -86,9 +86,18 @@ def write_report(out: str, stage: str, report: dict):
     print(f'[{stage}] report: {json.dumps(report)}', flush=True)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 on the CPU (reproducible, and the tiny widths gain little from bf16 there)."""
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The decoder's, VAR's and CLIP's training steps under bf16 autocast where --dtype resolved to bf16 (the VQVAE
+    stage stays fp32, as the shipped VQVAE was trained); nothing where it resolved to fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on CUDA and on CPUs with bf16 matrix units (model.auto_dtype; this project's 2-core AMX
+    CPU runs a VAR step 1.9x faster than in fp32), else fp32 (a GPU without bf16 too: there is no loss scaler here)."""
+    if name == 'auto':
+        return torch.bfloat16 if auto_dtype(device) == torch.bfloat16 else torch.float32
+    return DTYPES[name]
 
 
 class Resumable:
@@ -226,7 +235,7 @@ def train_decoder(args):
             f_coarse = torch.stack(f_hats[:-1])[scale_B, torch.arange(B, device=device)]  # (B, Cvae, h, w)
             target = torch.stack([coarse_target(x[b:b + 1], vae.patch_nums[k], vae.downsample)[0]
                                   for b, k in enumerate(scale_B.tolist())])
-        with autocast(device):
+        with autocast(device, args.dtype):
             rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hats[-1], f_coarse)))).float().chunk(2)
         full_loss = shape_weighted_error(rec, x)
         coarse_loss = ((coarse - target).abs() + (coarse - target).square()).mean()
@@ -298,7 +307,7 @@ def train_var(args):
         idx = [m[pick] for m in idx_all]
         with torch.no_grad():
             x_BLCv = vae.quantize.teacher_forcing_input(idx)
-        with autocast(device):
+        with autocast(device, args.dtype):
             logits = var(var.class_condition(labels[pick], drop=True), x_BLCv)
             loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
         opt.zero_grad(set_to_none=True)
@@ -317,10 +326,30 @@ def train_var(args):
 
 
 def evaluate_var(args) -> dict:
-    """The saved (fp16-rounded) VAR's gates at evaluate.py's sampling settings."""
+    """The saved (fp16-rounded) VAR's gates at evaluate.py's sampling settings, and its teacher-forced loss on training
+    and held-out images (whether more steps or more data would help)."""
     vae, var = load_backbone(args.out, device=args.device)
-    return class_recognised(vae, var, args.out, args.device, args.gate_per_class, with_fd=True, cfg=args.cfg,
-                            top_k=args.top_k, top_p=args.top_p)
+    report = class_recognised(vae, var, args.out, args.device, args.gate_per_class, with_fd=True, cfg=args.cfg,
+                              top_k=args.top_k, top_p=args.top_p)
+    n = var.num_classes * args.gate_per_class
+    for name, split, seed in (('train', 'train', args.seed), ('heldout', 'test', 3)):  # the first n the VAR trained on
+        images, items = rendered(split, n, seed)
+        report[f'ce_{name}_per_scale'] = teacher_forced_ce(vae, var, images, [a['label'] for a in items], args.device)
+    return report
+
+
+@torch.no_grad()
+def teacher_forced_ce(vae, var, images: np.ndarray, labels, device) -> list:
+    """The VAR's cross-entropy (nats) on the tokens of (N, H, W, 3) uint8 images, given their class and coarser
+    scales (as in training, without condition dropout), per scale."""
+    labels, sums, begin = torch.tensor(labels, device=device), torch.zeros(len(var.patch_nums)), 0
+    for i in range(0, len(images), 250):
+        idx = vae.img_to_idx(to_input(images[i:i + 250], device))
+        logits = var(var.class_emb(labels[i:i + 250]), vae.quantize.teacher_forcing_input(idx)).float()  # (B, L, V)
+        ce_BL = F.cross_entropy(logits.transpose(1, 2), torch.cat(idx, 1), reduction='none')
+        for si, ce_Bl in enumerate(ce_BL.split([pn * pn for pn in var.patch_nums], dim=1)):
+            sums[si] += ce_Bl.mean(1).sum().cpu()
+    return [round(v, 3) for v in (sums / len(images)).tolist()]
 
 
 @torch.no_grad()
@@ -443,7 +472,7 @@ def train_clip(args):
         # captions mostly, sentences sometimes: the semantic loss asks CLIP about both levels of text
         texts = [shapes.caption(train_items[i]) if rng.random() < 0.75 else shapes.sentence(train_items[i]['label'])
                  for i in pick]
-        with autocast(device):
+        with autocast(device, args.dtype):
             x = low_resolution(to_input(train_images[torch.from_numpy(pick).to(device)]), rng)
             img_feats = F.normalize(model.encode_image(x).float(), dim=-1)
             txt_feats = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
@@ -505,6 +534,8 @@ def main(argv=None):
     p.add_argument('--clip_lr', type=float, default=1e-3)
     p.add_argument('--classifier_steps', type=int, default=1500)
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, ...')
+    p.add_argument('--dtype', default='auto', choices=('auto', 'fp32', 'bf16'), help='autocast of the decoder, VAR and '
+                   'CLIP stages; auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--ckpt_every', type=int, default=500, help='save the stage\'s training state every N steps')
     p.add_argument('--log_every', type=int, default=100)
@@ -517,6 +548,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.dtype = resolve_dtype(args.dtype, args.device)
     os.makedirs(args.out, exist_ok=True)
     # the classifier and CLIP first: the VQVAE's and the VAR's reports use them
     stages = tuple(STAGES) if args.stage == 'all' else (args.stage,)

@@ -48,3 +48,19 @@ def test_cli_bad_flags_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError) as error:  # before the (missing) checkpoint is read
         evaluate.main(['--ckpt', 'unused.pt', '--json', str(tmp_path / 'a_file' / 'r.json')])
     assert str(error.value).startswith('--json') and 'cannot create' in str(error.value)
+
+
+def test_class_probe_reads_a_class_only_where_the_features_hold_it():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (600,), generator=g)
+    noise = torch.randn(600, 8, generator=g)
+    holding = noise + 3 * torch.nn.functional.one_hot(labels, 8).float()
+    assert evaluate.class_probe(holding[:500], labels[:500], holding[500:], labels[500:], epochs=5) > 0.9
+    assert evaluate.class_probe(noise[:500], labels[:500], noise[500:], labels[500:], epochs=5) < 0.45  # chance 0.25
+
+
+def test_coarse_probe_table_has_a_row_per_step_to_i_sen(tiny_backbone):
+    table = evaluate.coarse_probe(tiny_backbone, n_train=40, n_test=20).splitlines()
+    rows = [line for line in table if line.startswith('| ') and line.endswith('% |')]
+    assert len(rows) == 4 and 'f_hat_kappa' in rows[2]
+    assert all(0 <= float(row.split('|')[-2].strip(' %')) <= 100 for row in rows)

@@ -35,6 +35,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     assert set(var['attribute_tv_samples']) == set(pretrain.READ_ATTRIBUTES)
     assert all(0 <= tv <= 1 for tv in var['attribute_tv_reconstructions'].values())
     assert set(var['attributes_samples']['size']) <= {'small', 'medium', 'large', 'none'}
+    assert all(len(var[f'ce_{s}_per_scale']) == len(pretrain.PATCH_NUMS) for s in ('train', 'heldout'))
     assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
     decoder = report(pretrained_folder, 'decoder')
@@ -113,3 +114,24 @@ def test_the_decoder_stage_changes_the_decoder_alone(pretrained_folder, tmp_path
     changed = {k for k, v in after_vae.state_dict().items() if not torch.equal(v, before_vae.state_dict()[k])}
     assert changed and all(k.startswith(('decoder.', 'post_quant_conv.')) for k in changed), sorted(changed)[:5]
     assert all(torch.equal(v, before_var.state_dict()[k]) for k, v in after_var.state_dict().items())
+
+
+def test_dtype_flag_resolves_to_an_autocast_or_to_none():
+    cpu = torch.device('cpu')
+    assert pretrain.resolve_dtype('fp32', cpu) == torch.float32 and pretrain.resolve_dtype('bf16', cpu) == torch.bfloat16
+    assert pretrain.resolve_dtype('auto', cpu) in (torch.float32, torch.bfloat16)  # bf16 only with bf16 matrix units
+    layer = torch.nn.Linear(4, 4)
+    with pretrain.autocast(cpu, torch.bfloat16):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with pretrain.autocast(cpu, torch.float32):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_teacher_forced_ce_of_an_untrained_var_is_a_uniform_guess(pretrained_folder):
+    vae, _ = load_backbone(pretrained_folder)
+    torch.manual_seed(0)
+    untrained = pretrain.VAR(**pretrain.VAR_KWARGS).eval()
+    images, items = pretrain.rendered('test', 6)
+    ce = pretrain.teacher_forced_ce(vae, untrained, images, [a['label'] for a in items], torch.device('cpu'))
+    assert len(ce) == len(pretrain.PATCH_NUMS)
+    assert all(abs(c - np.log(untrained.vocab_size)) < 0.1 for c in ce)  # near-zero logits: log V nats a token
