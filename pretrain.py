@@ -190,11 +190,22 @@ def evaluate_vqvae(args) -> dict:
     x = to_input(images, device)
     rec = torch.cat([vae.reconstruct(x[i:i + 100]) for i in range(0, len(x), 100)])
     report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3),
-              'images': n}
+              'images': n, 'code_perplexity_per_scale': code_perplexity(vae, x)}
     if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
         classifier, labels = shapes.load_shape_classifier(out).to(device), torch.tensor([a['label'] for a in items])
         report['recon_shape_recognised'] = round((classifier(rec).argmax(1).cpu() == labels).float().mean().item(), 3)
     return report
+
+
+@torch.no_grad()
+def code_perplexity(vae, x: torch.Tensor) -> list:
+    """exp(entropy) of the codes each scale picks for images x: how many codes a scale effectively uses. A scale near 1
+    carries almost nothing, and neither does anything decoded from it (I_sen, from scales 1..kappa)."""
+    idx = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(x[i:i + 250]) for i in range(0, len(x), 250)])]
+    p_SV = torch.stack([torch.bincount(m.flatten(), minlength=vae.vocab_size).float() for m in idx])
+    p_SV = p_SV / p_SV.sum(1, keepdim=True)
+    entropy_S = -(p_SV * p_SV.clamp_min(1e-12).log()).sum(1)
+    return [round(v, 1) for v in entropy_S.exp().tolist()]
 
 
 def coarse_target(x: torch.Tensor, pn: int, downsample: int) -> torch.Tensor:

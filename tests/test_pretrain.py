@@ -28,6 +28,7 @@ def report(out: str, stage: str) -> dict:
 def test_every_stage_reports_its_gate(pretrained_folder):
     vqvae = report(pretrained_folder, 'vqvae')
     assert 0 < vqvae['heldout_psnr_db'] < 60 and 0 < vqvae['codebook_usage'] <= 1
+    assert all(1 <= p <= 1024 for p in vqvae['code_perplexity_per_scale']) and len(vqvae['code_perplexity_per_scale']) == 7
     assert 0 <= vqvae['recon_shape_recognised'] <= 1  # the classifier stage ran first, so this is measured
     var = report(pretrained_folder, 'var')
     assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 2 * shapes.NUM_CLASSES
@@ -135,3 +136,12 @@ def test_teacher_forced_ce_of_an_untrained_var_is_a_uniform_guess(pretrained_fol
     ce = pretrain.teacher_forced_ce(vae, untrained, images, [a['label'] for a in items], torch.device('cpu'))
     assert len(ce) == len(pretrain.PATCH_NUMS)
     assert all(abs(c - np.log(untrained.vocab_size)) < 0.1 for c in ce)  # near-zero logits: log V nats a token
+
+
+def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
+    vae, _ = load_backbone(pretrained_folder)
+    x = pretrain.to_input(pretrain.rendered('test', 20)[0])
+    perplexity = pretrain.code_perplexity(vae, x)
+    assert perplexity[0] <= 20 and all(1 <= p <= min(20 * pn * pn, 1024) for p, pn in zip(perplexity, vae.patch_nums))
+    blank = torch.zeros_like(x)  # one image repeated: every scale's codes are the same at each position
+    assert pretrain.code_perplexity(vae, blank)[0] == 1.0
