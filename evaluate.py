@@ -10,6 +10,9 @@ shape, colour, size, position and background that the image shows, read by shape
 classifier), CLIP-score (100 * cosine in the tiny CLIP) and FD_clip. "before" is the same backbone with nothing
 trained: the plain VAR for class-to-image; zero prompts (or a zero LoRA update, or the pretrained VAR for full
 fine-tuning) and the least-squares text projection for text-to-image.
+
+    python evaluate.py --semantic_signal checkpoints/shapes   # Eq. 8's losses on images decoded in each way train.py offers
+    python evaluate.py --coarse_probe checkpoints/shapes      # how much of the class survives down to I_sen's scale
 """
 import argparse
 import os
@@ -178,8 +181,9 @@ def class_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
 
 def coarse_probe(backbone: str, n_train: int = 8000, n_test: int = 1000, seed: int = 0) -> str:
-    """Where the class is lost on the way to I_sen (the README's table): class_probe on the VQVAE's latent of
-    held-out renders, before and after each step that turns it into f_hat_kappa, what I_sen decodes (Eq. 7)."""
+    """Where the class is lost on the way to I_sen (the README's table): class_probe, trained on renders and scored on
+    held-out ones, on the VQVAE's latent before and after each step that turns it into f_hat_kappa, the sum of the
+    coarse scales that I_sen decodes (Eq. 7)."""
     vae, _ = load_backbone(backbone)
     kappa = inter_anchor(0.6, len(vae.patch_nums))
     pn = vae.patch_nums[kappa - 1]

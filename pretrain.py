@@ -94,7 +94,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype: auto is bf16 on CUDA and on CPUs with bf16 matrix units (model.auto_dtype; this project's 2-core AMX
-    CPU runs a VAR step 1.9x faster than in fp32), else fp32 (a GPU without bf16 too: there is no loss scaler here)."""
+    CPU runs a VAR step 2x faster than in fp32), else fp32 (a GPU without bf16 too: there is no loss scaler here)."""
     if name == 'auto':
         return torch.bfloat16 if auto_dtype(device) == torch.bfloat16 else torch.float32
     return DTYPES[name]
@@ -199,8 +199,8 @@ def evaluate_vqvae(args) -> dict:
 
 @torch.no_grad()
 def code_perplexity(vae, x: torch.Tensor) -> list:
-    """exp(entropy) of the codes each scale picks for images x: how many codes a scale effectively uses. A scale near 1
-    carries almost nothing, and neither does anything decoded from it (I_sen, from scales 1..kappa)."""
+    """exp(entropy) of the codes each scale picks for images x, per scale: how many of the codebook's codes the scale
+    effectively uses. A scale near 1 adds almost nothing to what the scales before it hold."""
     idx = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(x[i:i + 250]) for i in range(0, len(x), 250)])]
     p_SV = torch.stack([torch.bincount(m.flatten(), minlength=vae.vocab_size).float() for m in idx])
     p_SV = p_SV / p_SV.sum(1, keepdim=True)
@@ -353,7 +353,7 @@ def evaluate_var(args) -> dict:
 def teacher_forced_ce(vae, var, images: np.ndarray, labels, device) -> list:
     """The VAR's cross-entropy (nats) on the tokens of (N, H, W, 3) uint8 images, given their class and coarser
     scales (as in training, without condition dropout), per scale."""
-    labels, sums, begin = torch.tensor(labels, device=device), torch.zeros(len(var.patch_nums)), 0
+    labels, sums = torch.tensor(labels, device=device), torch.zeros(len(var.patch_nums))
     for i in range(0, len(images), 250):
         idx = vae.img_to_idx(to_input(images[i:i + 250], device))
         logits = var(var.class_emb(labels[i:i + 250]), vae.quantize.teacher_forcing_input(idx)).float()  # (B, L, V)
