@@ -187,10 +187,10 @@ def evaluate_vqvae(args) -> dict:
     out, device, n = args.out, args.device, args.gate_per_class * shapes.NUM_CLASSES
     vae, _ = load_backbone(out, device=device)
     images, items = rendered('test', n, args.seed)
-    x = to_input(images, device)
-    rec = torch.cat([vae.reconstruct(x[i:i + 100]) for i in range(0, len(x), 100)])
+    x, idx = to_input(images, device), tokenise(vae, images, device)
+    rec = torch.cat([vae.idx_to_img([m[i:i + 100] for m in idx]) for i in range(0, len(x), 100)])
     report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3),
-              'images': n, 'code_perplexity_per_scale': code_perplexity(vae, x)}
+              'images': n, 'code_perplexity_per_scale': code_perplexity(idx, vae.vocab_size)}
     if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
         classifier, labels = shapes.load_shape_classifier(out).to(device), torch.tensor([a['label'] for a in items])
         report['recon_shape_recognised'] = round((classifier(rec).argmax(1).cpu() == labels).float().mean().item(), 3)
@@ -198,11 +198,18 @@ def evaluate_vqvae(args) -> dict:
 
 
 @torch.no_grad()
-def code_perplexity(vae, x: torch.Tensor) -> list:
-    """exp(entropy) of the codes each scale picks for images x, per scale: how many of the codebook's codes the scale
-    effectively uses. A scale near 1 adds almost nothing to what the scales before it hold."""
-    idx = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(x[i:i + 250]) for i in range(0, len(x), 250)])]
-    p_SV = torch.stack([torch.bincount(m.flatten(), minlength=vae.vocab_size).float() for m in idx])
+def tokenise(vae, images_uint8: np.ndarray, device, chunk: int = 500) -> list:
+    """(N, H, W, 3) uint8 images -> their token maps, a list of (N, pn*pn) per scale, `chunk` images at a time (the
+    float copies of a whole training set would not fit)."""
+    return [torch.cat(maps) for maps in zip(*[vae.img_to_idx(to_input(images_uint8[i:i + chunk], device))
+                                              for i in range(0, len(images_uint8), chunk)])]
+
+
+def code_perplexity(idx: list, vocab_size: int) -> list:
+    """exp(entropy) of the codes each scale picks in token maps (a list of (N, pn*pn), tokenise), per scale: how many
+    of the codebook's codes the scale effectively uses. A scale near 1 adds almost nothing to what the scales before it
+    hold."""
+    p_SV = torch.stack([torch.bincount(m.flatten(), minlength=vocab_size).float() for m in idx])
     p_SV = p_SV / p_SV.sum(1, keepdim=True)
     entropy_S = -(p_SV * p_SV.clamp_min(1e-12).log()).sum(1)
     return [round(v, 1) for v in entropy_S.exp().tolist()]
@@ -299,9 +306,7 @@ def train_var(args):
     train_images, train_items = rendered('train', args.n_train, args.seed)
     labels = torch.tensor([a['label'] for a in train_items], device=device)
     t0 = time.time()
-    with torch.no_grad():  # the VQVAE is frozen: tokenise the training set once
-        idx_all = [torch.cat(maps) for maps in zip(*[vae.img_to_idx(to_input(train_images[i:i + 500], device))
-                                                    for i in range(0, len(train_images), 500)])]
+    idx_all = tokenise(vae, train_images, device)  # the VQVAE is frozen: tokenise the training set once
     print(f'[var] tokenised {len(train_images)} images in {time.time() - t0:.0f}s', flush=True)
     var = VAR(**VAR_KWARGS).to(device).train()
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]

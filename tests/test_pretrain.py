@@ -140,8 +140,8 @@ def test_teacher_forced_ce_of_an_untrained_var_is_a_uniform_guess(pretrained_fol
 
 def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
-    x = pretrain.to_input(pretrain.rendered('test', 20)[0])
-    perplexity = pretrain.code_perplexity(vae, x)
+    images = pretrain.rendered('test', 20)[0]
+    perplexity = pretrain.code_perplexity(pretrain.tokenise(vae, images, 'cpu'), vae.vocab_size)
     assert perplexity[0] <= 20 and all(1 <= p <= min(20 * pn * pn, 1024) for p, pn in zip(perplexity, vae.patch_nums))
-    blank = torch.zeros_like(x)  # one image repeated: every scale's codes are the same at each position
-    assert pretrain.code_perplexity(vae, blank)[0] == 1.0
+    blank = np.zeros_like(images)  # one image repeated: every scale's codes are the same at each position
+    assert pretrain.code_perplexity(pretrain.tokenise(vae, blank, 'cpu'), vae.vocab_size)[0] == 1.0
