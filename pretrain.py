@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -524,6 +525,32 @@ def evaluate_clip(args, n: int = 100) -> dict:
 STAGES = {'classifier': (train_classifier, evaluate_classifier), 'clip': (train_clip, evaluate_clip),
           'vqvae': (train_vqvae, evaluate_vqvae), 'decoder': (train_decoder, evaluate_decoder),
           'var': (train_var, evaluate_var)}  # stage: (train, measure the gates)
+# the files in --out that a stage's training reads (written by the stages before it), and those it writes
+READS = {'decoder': ('backbone.json', 'vqvae.pth', 'clip'), 'var': ('backbone.json', 'vqvae.pth', 'clip', 'shape_classifier.pth')}
+WRITES = {'classifier': ('shape_classifier.pth',), 'clip': ('clip',), 'vqvae': ('backbone.json', 'vqvae.pth', 'var.pth'),
+          'decoder': (), 'var': ('var.pth',)}
+POSITIVE = ('n_train', 'vae_steps', 'vae_batch', 'vae_lr', 'decoder_steps', 'decoder_batch', 'decoder_lr', 'var_steps',
+            'var_batch', 'var_lr', 'gate_per_class', 'clip_steps', 'clip_batch', 'clip_lr', 'classifier_steps',
+            'ckpt_every', 'log_every')
+
+
+def input_error(args, stages) -> str:
+    """What is wrong with the flags or --out for these stages, in one line, or '' (checked before any work)."""
+    for name in POSITIVE:
+        if not getattr(args, name) > 0:
+            return f'--{name} must be positive, got {getattr(args, name)}'
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f'--out {args.out} is a file, not a folder'
+    have = {name for name in os.listdir(args.out)} if os.path.isdir(args.out) else set()
+    for stage in stages:
+        # --evaluate measures the stage's own files; training reads what the stages before it wrote
+        needed = READS.get(stage, ()) + (WRITES[stage] if args.evaluate else ())
+        missing = [name for name in needed if name not in have]
+        if missing:
+            return (f'--stage {stage}{" --evaluate" if args.evaluate else ""}: no {", ".join(missing)} in --out '
+                    f'{args.out}; run the stages before it first (order: {", ".join(STAGES)})')
+        have.update(WRITES[stage])
+    return ''
 
 
 def main(argv=None):
@@ -558,6 +585,10 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--evaluate', action='store_true', help='train nothing: measure the saved files\' gates again')
     args = p.parse_args(argv)
+    stages = tuple(STAGES) if args.stage == 'all' else (args.stage,)
+    error = input_error(args, stages)
+    if error:
+        sys.exit(f'error: {error}')
     args.device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
     if args.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -567,7 +598,6 @@ def main(argv=None):
     args.dtype = resolve_dtype(args.dtype, args.device)
     os.makedirs(args.out, exist_ok=True)
     # the classifier and CLIP first: the VQVAE's and the VAR's reports use them
-    stages = tuple(STAGES) if args.stage == 'all' else (args.stage,)
     for stage in stages:
         train, evaluate = STAGES[stage]
         if args.evaluate:
