@@ -536,12 +536,18 @@ POSITIVE = ('n_train', 'vae_steps', 'vae_batch', 'vae_lr', 'decoder_steps', 'dec
 
 def input_error(args, stages) -> str:
     """What is wrong with the flags or --out for these stages, in one line, or '' (checked before any work)."""
+    try:
+        device = torch.device('cpu' if args.device == 'auto' else args.device)
+    except RuntimeError:
+        return f'--device {args.device} is not a device (auto, cpu, cuda, cuda:1, ...)'
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        return f'--device {args.device} but CUDA is not available'
     for name in POSITIVE:
         if not getattr(args, name) > 0:
             return f'--{name} must be positive, got {getattr(args, name)}'
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f'--out {args.out} is a file, not a folder'
-    have = {name for name in os.listdir(args.out)} if os.path.isdir(args.out) else set()
+    have = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
     for stage in stages:
         # --evaluate measures the stage's own files; training reads what the stages before it wrote
         needed = READS.get(stage, ()) + (WRITES[stage] if args.evaluate else ())

@@ -102,18 +102,19 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     (['--stage', 'decoder'], '--stage decoder: no backbone.json, vqvae.pth, clip in --out'),
     (['--stage', 'vqvae', '--evaluate'], '--stage vqvae --evaluate: no backbone.json, vqvae.pth, var.pth in --out'),
     (['--stage', 'clip', '--clip_steps', '0'], '--clip_steps must be positive, got 0'),
+    (['--stage', 'classifier', '--device', 'gpu0'], '--device gpu0 is not a device'),
 ])
 def test_bad_input_stops_with_one_line_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / 'new'
     with pytest.raises(SystemExit) as stop:
-        pretrain.main(flags + ['--out', str(out), '--device', 'cpu'])
+        pretrain.main(['--out', str(out), '--device', 'cpu'] + flags)
     assert str(stop.value).startswith('error: ' + message) and '\n' not in str(stop.value)
     assert not out.exists()  # nothing rendered, trained or written
 
 
 def test_stage_all_needs_nothing_in_out_and_a_stage_may_use_what_is_there(pretrained_folder):
     args = type('Args', (), {name: 1 for name in pretrain.POSITIVE})()
-    args.out, args.evaluate = '/nonexistent-folder', False
+    args.out, args.evaluate, args.device = '/nonexistent-folder', False, 'cpu'
     assert pretrain.input_error(args, tuple(pretrain.STAGES)) == ''  # each stage writes what the next one reads
     args.out = pretrained_folder
     assert pretrain.input_error(args, ('var',)) == ''
