@@ -898,9 +898,11 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda but CUDA is not available')
+    from model import parse_device
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     env = environment(device)
     print(env)
     rows = BENCHMARKS[args.name](args)

@@ -110,6 +110,20 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def parse_device(name: str) -> torch.device:
+    """Every script's --device: auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:1, ...; a one-line
+    ValueError for a name torch does not know, or for CUDA on a machine without it."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name} is not a device (auto, cpu, cuda, cuda:1, ...)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name} but CUDA is not available')
+    return device
+
+
 def set_conv_layout(vae, dtype: torch.dtype):
     """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
     cuDNN's fast convolution kernels want it (2x faster decoding at 256 px on this project's CPU: bench.py sampling),

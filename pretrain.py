@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import shapes
 from clip_loss import contrastive_loss
 from pretrained import load_backbone, save_backbone, write_json
-from model import DTYPES, atomic_save, auto_dtype, generate_images, to_uint8
+from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, to_uint8
 from train import warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
@@ -537,11 +537,9 @@ POSITIVE = ('n_train', 'vae_steps', 'vae_batch', 'vae_lr', 'decoder_steps', 'dec
 def input_error(args, stages) -> str:
     """What is wrong with the flags or --out for these stages, in one line, or '' (checked before any work)."""
     try:
-        device = torch.device('cpu' if args.device == 'auto' else args.device)
-    except RuntimeError:
-        return f'--device {args.device} is not a device (auto, cpu, cuda, cuda:1, ...)'
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        return f'--device {args.device} but CUDA is not available'
+        parse_device(args.device)
+    except ValueError as e:
+        return str(e)
     for name in POSITIVE:
         if not getattr(args, name) > 0:
             return f'--{name} must be positive, got {getattr(args, name)}'
@@ -595,7 +593,7 @@ def main(argv=None):
     error = input_error(args, stages)
     if error:
         sys.exit(f'error: {error}')
-    args.device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    args.device = parse_device(args.device)
     if args.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

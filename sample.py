@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import DTYPES, auto_dtype, generate_images, load_run, save_grid, set_conv_layout, to_uint8
+from model import DTYPES, auto_dtype, generate_images, load_run, parse_device, save_grid, set_conv_layout, to_uint8
 from pretrained import atomic_write, check_writable, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
@@ -54,7 +54,7 @@ def get_args(argv=None):
     p.add_argument('--per_class', type=int, default=50, help='evaluation mode: images per class')
     p.add_argument('--num_classes', type=int, default=None, help='evaluation mode: the first N classes (default: all)')
     p.add_argument('--batch_size', type=int, default=25)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1, ...')
     p.add_argument('--dtype', default='auto', choices=('auto', 'fp32', 'bf16', 'fp16'),
                    help='autocast dtype of sampling; auto: bf16 on CUDA and on CPUs with fast bf16 matrix units, else '
                         'fp32 (fp32: the official code\'s samples, bit for bit)')
@@ -90,8 +90,8 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
     check_args(args)
+    device = parse_device(args.device)
     config, vae, var, clip, parts = load_models(args, device)
     if args.no_prompt and config.get('prompt') in ('lora', 'full'):
         raise ValueError(f'--no_prompt: {args.ckpt} was trained with --prompt {config["prompt"]}, which changes the VAR '

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from clip_loss import SemanticLoss
 from frame_prompt import PLACEMENTS, FramePrompt
 from model import (CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
-                   init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, save_grid, save_prompt,
-                   teacher_forcing, write_config)
+                   init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, parse_device, save_grid,
+                   save_prompt, teacher_forcing, write_config)
 from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable
 
 
@@ -132,6 +132,7 @@ def check_args(args):
     for name in ('cond_drop', 'min_lr_ratio'):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f'--{name} must lie in [0, 1], got {getattr(args, name)}')
+    parse_device(args.device)
     if args.captions and args.data == 'shapes':
         raise ValueError('--captions is for an image folder (--data DIR); the shapes world has its own captions')
     if args.captions and not os.path.isfile(args.captions):

@@ -427,6 +427,25 @@ def test_cli_error_sample_empty_text(tmp_path):
     assert not (tmp_path / 'x.png').exists()
 
 
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py'])
+def test_cli_error_unknown_device(tiny_backbone, tmp_path, script):
+    flags = [*DATA, *NO_SEMANTIC, '--out_dir', tmp_path / 'o'] if script == 'train.py' else ['--class_id', 0, '--out', tmp_path / 'x.png']
+    result = run_cli([script, '--backbone', tiny_backbone, *flags, '--device', 'gpu0'])
+    assert_one_line_error(result, '--device gpu0')
+    assert not (tmp_path / 'o').exists() and not (tmp_path / 'x.png').exists()
+
+
+def test_parse_device():
+    from model import parse_device
+    assert parse_device('cpu') == torch.device('cpu')
+    assert parse_device('auto').type == ('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(ValueError, match='--device gpu0 is not a device'):
+        parse_device('gpu0')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='--device cuda:1 but CUDA is not available'):
+            parse_device('cuda:1')
+
 def test_cli_error_sample_text_with_c2i_checkpoint(c2i_run, tmp_path):
     result = run_cli(['sample.py', '--device', 'cpu', '--ckpt', os.path.join(c2i_run['out_dir'], 'ckpt.pt'),
                       '--text', CAPTION, '--out', tmp_path / 'x.png'])
