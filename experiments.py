@@ -35,6 +35,8 @@ import sys
 import threading
 import time
 
+from model import parse_device
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
@@ -210,6 +212,18 @@ def get_args(argv=None):
                    help='run nothing: write the report from the runs there are (in --out and --records)')
     p.add_argument('--dry_run', action='store_true', help='print the commands and the estimate, run nothing')
     args = p.parse_args(argv)
+    for name in ('steps', 'batch_size', 'lora_rank', 'shapes_n', 'per_class', 'n_texts', 'jobs', 'threads'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    for name in ('lr', 'lr_lora', 'lr_full'):
+        if not getattr(args, name) > 0:
+            p.error(f'--{name} must be positive, got {getattr(args, name)}')
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error(f'--warmup_steps must be at least 0, got {args.warmup_steps}')
+    try:
+        parse_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     args.table_list = [t.strip() for t in args.tables.split(',') if t.strip()]
     unknown = [t for t in args.table_list if t not in TABLE_KEYS]
     if unknown or not args.table_list:

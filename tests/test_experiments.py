@@ -172,3 +172,17 @@ def test_a_time_is_compared_only_between_runs_on_one_machine():
     assert '3 seeds' in experiments.verdict(a, b, 'FD_clip')[0]  # quality pairs every seed
     b['machine'] = {0: 'B', 1: 'A', 2: 'B'}
     assert experiments.verdict(a, b, 'train_s') == ('no seed ran both runs on one machine', None, False)
+
+
+def test_bad_flags_stop_before_any_run(tmp_path, capsys):
+    """Values no run can use are caught by the grid itself, not by each of its 99 runs failing in turn."""
+    import pytest
+    for flags, message in ((['--steps', '0'], '--steps must be at least 1, got 0'),
+                           (['--jobs', '0'], '--jobs must be at least 1, got 0'),
+                           (['--lr', '0'], '--lr must be positive, got 0.0'),
+                           (['--warmup_steps', '-1'], '--warmup_steps must be at least 0, got -1'),
+                           (['--device', 'gpu0'], '--device gpu0 is not a device')):
+        with pytest.raises(SystemExit):
+            experiments.main(['--tables', '1', '--seeds', '0', '--out', str(tmp_path / 'out'), *flags])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
