@@ -522,13 +522,16 @@ def main(argv=None):
     parser.add_argument('--clip-score', metavar='TEXTS', help='also the CLIP-score of GENERATED against these '
                         'texts (.txt: one per line; .jsonl: a string or {"text": ...} per line)')
     parser.add_argument('--batch-size', type=int, default=50)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1, ...')
     parser.add_argument('--no-cache', action='store_true', help='neither read nor write cached statistics')
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error('--batch-size must be at least 1')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error(f'--device {args.device}: CUDA is not available')
+    from model import parse_device  # the project's one --device parser
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f'--batch-size must be at least 1, got {args.batch_size}')
+        args.device = parse_device(args.device)
+    except ValueError as e:
+        parser.exit(1, f'fid.py: error: {e}\n')
     try:
         results = evaluate(args.generated, args.reference, args.features, args.clip_model, args.clip_pretrained,
                            args.isc, args.prc, args.clip_score, args.batch_size, args.device, not args.no_cache)

@@ -263,6 +263,8 @@ def test_cli_bad_inputs(tiny_clip, folders, tmp_path, capsys):
     _assert_one_line_error(*_run(capsys, tmp_path / 'mixed', ref, *clip, '--no-cache'), 'same size')
     _assert_one_line_error(*_run(capsys, gen, ref, '--features', 'clip', '--clip-pretrained', tmp_path / 'nope.pt'),
                            'could not load CLIP model')
+    _assert_one_line_error(*_run(capsys, gen, ref, *clip, '--batch-size', '0'), '--batch-size must be at least 1')
+    _assert_one_line_error(*_run(capsys, gen, ref, *clip, '--device', 'gpu0'), '--device gpu0 is not a device')
     # and as a real process: exit code 1, one line on stderr, nothing on stdout
     p = subprocess.run([sys.executable, fid.__file__, str(tmp_path / 'missing'), str(ref)],
                        capture_output=True, text=True, timeout=120)
