@@ -317,6 +317,7 @@ def train_var(args):
     steps, B = args.var_steps, args.var_batch
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'var', args.ckpt_every)
+    forward = torch.compile(var) if args.compile else var  # the same weights: `var` is what is saved and evaluated
     for step in range(resume.restore(var, opt, rng), steps):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, args.var_lr)
@@ -325,7 +326,7 @@ def train_var(args):
         with torch.no_grad():
             x_BLCv = vae.quantize.teacher_forcing_input(idx)
         with autocast(device, args.dtype):
-            logits = var(var.class_condition(labels[pick], drop=True), x_BLCv)
+            logits = forward(var.class_condition(labels[pick], drop=True), x_BLCv)
             loss = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -583,6 +584,7 @@ def main(argv=None):
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, ...')
     p.add_argument('--dtype', default='auto', choices=('auto', 'fp32', 'bf16'), help='autocast of the decoder, VAR and '
                    'CLIP stages; auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32')
+    p.add_argument('--compile', action='store_true', help='torch.compile the VAR stage\'s transformer (train.py --compile)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--ckpt_every', type=int, default=500, help='save the stage\'s training state every N steps')
     p.add_argument('--log_every', type=int, default=100)

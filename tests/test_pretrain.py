@@ -142,6 +142,23 @@ def test_the_decoder_stage_changes_the_decoder_alone(pretrained_folder, tmp_path
     assert all(torch.equal(v, before_var.state_dict()[k]) for k, v in after_var.state_dict().items())
 
 
+def test_the_var_stage_compiled_takes_the_same_steps(pretrained_folder, tmp_path, capsys):
+    """--compile changes how the VAR's steps run, not what they compute: the same losses step by step (fp32)."""
+    import re
+    import shutil
+    losses = {}
+    for name, extra in (('eager', []), ('compiled', ['--compile'])):
+        out = str(tmp_path / name)
+        shutil.copytree(pretrained_folder, out)
+        capsys.readouterr()
+        pretrain.main(['--stage', 'var', '--out', out, '--n_train', '64', '--var_steps', '3', '--var_batch', '8',
+                       '--var_lr', '0.1', '--log_every', '1', '--gate_per_class', '1', '--dtype', 'fp32', '--device', 'cpu']
+                      + extra)
+        losses[name] = [float(v) for v in re.findall(r'\[var\] step \d+/3 loss ([\d.]+)', capsys.readouterr().out)]
+    assert len(losses['eager']) == 3 and losses['eager'][2] < losses['eager'][0]  # the steps trained the VAR
+    assert losses['compiled'] == pytest.approx(losses['eager'], abs=2e-4)
+
+
 def test_dtype_flag_resolves_to_an_autocast_or_to_none():
     cpu = torch.device('cpu')
     assert pretrain.resolve_dtype('fp32', cpu) == torch.float32 and pretrain.resolve_dtype('bf16', cpu) == torch.bfloat16
