@@ -102,11 +102,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Resumable:
-    """A stage's training state (model, optimizer, step, RNGs) in OUT/resume/STAGE.pt every `every` steps, written
-    atomically; a rerun of the stage continues from it, and a finished stage deletes it."""
+    """A stage's training state (model, optimizer, step, RNGs, training seconds so far) in OUT/resume/STAGE.pt every
+    `every` steps, written atomically; a rerun of the stage continues from it, and a finished stage deletes it.
+    `start` is when the stage would have started had it never stopped: its logs and report count the seconds of every
+    run, not only the last (the seconds between the last save and a stop are lost with the steps)."""
 
     def __init__(self, out: str, stage: str, every: int):
         self.path, self.every = os.path.join(out, 'resume', f'{stage}.pt'), every
+        self.start = time.time()
+
+    def seconds(self) -> int:
+        return round(time.time() - self.start)
 
     def restore(self, model, opt, rng: np.random.Generator) -> int:
         if not os.path.isfile(self.path):
@@ -116,6 +122,7 @@ class Resumable:
         opt.load_state_dict(state['opt'])
         rng.bit_generator.state = state['numpy']
         torch.set_rng_state(state['torch'])
+        self.start -= state['seconds']
         print(f'resuming from {self.path} at step {state["step"]}', flush=True)
         return state['step']
 
@@ -124,7 +131,8 @@ class Resumable:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         atomic_save({'step': step, 'model': model.state_dict(), 'opt': opt.state_dict(),
-                     'numpy': rng.bit_generator.state, 'torch': torch.get_rng_state()}, self.path)
+                     'numpy': rng.bit_generator.state, 'torch': torch.get_rng_state(), 'seconds': self.seconds()},
+                    self.path)
 
     def finish(self):
         if os.path.isfile(self.path):
@@ -149,7 +157,7 @@ def train_vqvae(args):
     train_images = torch.as_tensor(rendered('train', args.n_train, args.seed)[0], device=device)  # uint8 (N, H, W, 3)
     vae = VQVAE(**VAE_KWARGS).to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
-    steps, B, t0 = args.vae_steps, args.vae_batch, time.time()
+    steps, B = args.vae_steps, args.vae_batch
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'vqvae', args.ckpt_every)
     for step in range(resume.restore(vae, opt, rng), steps):
@@ -174,12 +182,12 @@ def train_vqvae(args):
                     vae.quantize.embedding.weight[dead.nonzero()[:len(picks), 0]] = picks
                     vae.quantize.ema_vocab_hit_SV[:, dead] = 1.0
         if step % args.log_every == 0 or step == steps - 1:
-            log('vqvae', step, steps, t0, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
+            log('vqvae', step, steps, resume.start, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
                 usage=vae.quantize.codebook_usage())
         resume.maybe_save(step + 1, steps, vae, opt, rng)
     save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
     resume.finish()
-    write_report(args.out, 'vqvae', {**evaluate_vqvae(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+    write_report(args.out, 'vqvae', {**evaluate_vqvae(args), 'steps': steps, 'seconds': resume.seconds()})
 
 
 @torch.no_grad()
@@ -240,7 +248,7 @@ def train_decoder(args):
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.Adam(trained, lr=args.decoder_lr, betas=(0.5, 0.9))
-    steps, B, t0 = args.decoder_steps, args.decoder_batch, time.time()
+    steps, B = args.decoder_steps, args.decoder_batch
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'decoder', args.ckpt_every)
     K = len(vae.patch_nums)
@@ -263,12 +271,12 @@ def train_decoder(args):
         loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
-            log('decoder', step, steps, t0, full=full_loss.item(), coarse=coarse_loss.item(),
+            log('decoder', step, steps, resume.start, full=full_loss.item(), coarse=coarse_loss.item(),
                 psnr=psnr(rec.clamp(-1, 1), x), coarse_psnr=psnr(coarse.clamp(-1, 1), target))
         resume.maybe_save(step + 1, steps, vae, opt, rng)
     save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, var.cpu(), VAR_KWARGS)
     resume.finish()
-    write_report(args.out, 'decoder', {**evaluate_decoder(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+    write_report(args.out, 'decoder', {**evaluate_decoder(args), 'steps': steps, 'seconds': resume.seconds()})
 
 
 @torch.no_grad()
@@ -333,14 +341,14 @@ def train_var(args):
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
-            log('var', step, steps, t0, loss=loss.item())
+            log('var', step, steps, resume.start, loss=loss.item())
         if step % 1000 == 999 and step < steps - 1:  # the learning curve of the gate, on a few samples
             print(f'[var] step {step + 1}: {class_recognised(vae, var.eval(), args.out, device, per_class=10)}', flush=True)
             var.train()
         resume.maybe_save(step + 1, steps, var, opt, rng)
     save_backbone(args.out, vae.cpu(), VAE_KWARGS, var.cpu().eval(), VAR_KWARGS)
     resume.finish()
-    write_report(args.out, 'var', {**evaluate_var(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+    write_report(args.out, 'var', {**evaluate_var(args), 'steps': steps, 'seconds': resume.seconds()})
 
 
 def evaluate_var(args) -> dict:
@@ -430,7 +438,7 @@ def train_classifier(args):
     labels = torch.tensor([a['label'] for a in train_items], device=device)
     model = shapes.ShapeClassifier().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    steps, B, t0 = args.classifier_steps, 64, time.time()
+    steps, B = args.classifier_steps, 64
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'classifier', args.ckpt_every)
     for step in range(resume.restore(model, opt, rng), steps):
@@ -445,12 +453,12 @@ def train_classifier(args):
         loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
-            log('classifier', step, steps, t0, loss=loss.item())
+            log('classifier', step, steps, resume.start, loss=loss.item())
         resume.maybe_save(step + 1, steps, model, opt, rng)
     os.makedirs(args.out, exist_ok=True)
     torch.save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out, 'shape_classifier.pth'))
     resume.finish()
-    write_report(args.out, 'classifier', {**evaluate_classifier(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+    write_report(args.out, 'classifier', {**evaluate_classifier(args), 'steps': steps, 'seconds': resume.seconds()})
 
 
 @torch.no_grad()
@@ -480,7 +488,7 @@ def train_clip(args):
     model = open_clip.model.CLIP(**CLIP_CFG).to(device).train()
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CFG['text_cfg']['context_length'])
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    steps, B, t0 = args.clip_steps, args.clip_batch, time.time()
+    steps, B = args.clip_steps, args.clip_batch
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'clip', args.ckpt_every)
     for step in range(resume.restore(model, opt, rng), steps):
@@ -499,7 +507,7 @@ def train_clip(args):
         loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
-            log('clip', step, steps, t0, loss=loss.item(), scale=model.logit_scale.exp().item())
+            log('clip', step, steps, resume.start, loss=loss.item(), scale=model.logit_scale.exp().item())
         resume.maybe_save(step + 1, steps, model, opt, rng)
     model.cpu().eval()
     folder = os.path.join(args.out, 'clip')
@@ -509,7 +517,7 @@ def train_clip(args):
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
               os.path.join(folder, 'open_clip_model.safetensors'))
     resume.finish()
-    write_report(args.out, 'clip', {**evaluate_clip(args), 'steps': steps, 'seconds': round(time.time() - t0)})
+    write_report(args.out, 'clip', {**evaluate_clip(args), 'steps': steps, 'seconds': resume.seconds()})
 
 
 @torch.no_grad()

@@ -97,6 +97,17 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_resumed_stage_counts_the_seconds_of_every_run(tmp_path):
+    model, rng = torch.nn.Linear(2, 2), np.random.default_rng(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = pretrain.Resumable(str(tmp_path), 'stage', every=1)
+    first.start -= 1000  # as if it had trained for 1000 s before its save
+    first.maybe_save(1, 10, model, opt, rng)
+    second = pretrain.Resumable(str(tmp_path), 'stage', every=1)
+    assert second.seconds() < 10
+    assert second.restore(model, opt, rng) == 1 and 1000 <= second.seconds() < 1010
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--stage', 'var'], '--stage var: no backbone.json, vqvae.pth, clip, shape_classifier.pth in --out'),
     (['--stage', 'decoder'], '--stage decoder: no backbone.json, vqvae.pth, clip in --out'),
