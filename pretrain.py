@@ -16,6 +16,7 @@ held-out images with the saved files: VQVAE PSNR and the shape kind kept in reco
 recognised as their class and their FD_clip against that of reconstructions; CLIP image-to-caption top-1 among 100.
 """
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -308,15 +309,37 @@ def evaluate_decoder(args) -> dict:
     return report
 
 
+def tokens_path(out: str) -> str:
+    return os.path.join(out, 'resume', 'var_tokens.pt')
+
+
+def var_training_tokens(args, vae):
+    """The VAR's training set as token maps (a list of (N, pn*pn), tokenise) and labels (N,). The VQVAE is frozen, so
+    the set is rendered and tokenised once (about ten minutes on a 2-core CPU) and kept beside the stage's resume state
+    until the stage ends: a resumed run starts training at once. The copy is used only for the same --n_train, --seed
+    and vqvae.pth."""
+    with open(os.path.join(args.out, 'vqvae.pth'), 'rb') as f:
+        key = {'n_train': args.n_train, 'seed': args.seed, 'vqvae_sha256': hashlib.sha256(f.read()).hexdigest()}
+    path = tokens_path(args.out)
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+        if saved['key'] == key:
+            return [m.to(args.device).long() for m in saved['idx']], saved['labels'].to(args.device)
+    t0 = time.time()
+    train_images, train_items = rendered('train', args.n_train, args.seed)
+    idx = tokenise(vae, train_images, args.device)
+    labels = torch.tensor([a['label'] for a in train_items], device=args.device)
+    print(f'[var] rendered and tokenised {len(train_images)} images in {time.time() - t0:.0f}s', flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({'key': key, 'idx': [m.cpu().int() for m in idx], 'labels': labels.cpu()}, path)  # int32: half the bytes
+    return idx, labels
+
+
 def train_var(args):
     torch.manual_seed(args.seed)
     device = args.device
     vae, _ = load_backbone(args.out, device=device)
-    train_images, train_items = rendered('train', args.n_train, args.seed)
-    labels = torch.tensor([a['label'] for a in train_items], device=device)
-    t0 = time.time()
-    idx_all = tokenise(vae, train_images, device)  # the VQVAE is frozen: tokenise the training set once
-    print(f'[var] tokenised {len(train_images)} images in {time.time() - t0:.0f}s', flush=True)
+    idx_all, labels = var_training_tokens(args, vae)
     var = VAR(**VAR_KWARGS).to(device).train()
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]
     no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'emb' not in n and 'pos' not in n)]
@@ -348,6 +371,7 @@ def train_var(args):
         resume.maybe_save(step + 1, steps, var, opt, rng)
     save_backbone(args.out, vae.cpu(), VAE_KWARGS, var.cpu().eval(), VAR_KWARGS)
     resume.finish()
+    os.remove(tokens_path(args.out))
     write_report(args.out, 'var', {**evaluate_var(args), 'steps': steps, 'seconds': resume.seconds()})
 
 

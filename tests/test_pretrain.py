@@ -198,3 +198,37 @@ def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
     assert perplexity[0] <= 20 and all(1 <= p <= min(20 * pn * pn, 1024) for p, pn in zip(perplexity, vae.patch_nums))
     blank = np.zeros_like(images)  # one image repeated: every scale's codes are the same at each position
     assert pretrain.code_perplexity(pretrain.tokenise(vae, blank, 'cpu'), vae.vocab_size)[0] == 1.0
+
+
+def test_a_resumed_var_stage_reuses_its_tokens_and_ends_as_an_uninterrupted_one(pretrained_folder, tmp_path, monkeypatch):
+    import shutil
+    flags = ['--stage', 'var', '--n_train', '64', '--var_steps', '3', '--var_batch', '8', '--ckpt_every', '1',
+             '--gate_per_class', '1', '--dtype', 'fp32', '--device', 'cpu']
+    for name in ('whole', 'stopped'):
+        shutil.copytree(pretrained_folder, tmp_path / name)
+    pretrain.main(flags + ['--out', str(tmp_path / 'whole')])
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_1(self, step, total, *state):
+        original_save(self, step, total, *state)
+        if step == 1:
+            raise Killed
+    original_save = pretrain.Resumable.maybe_save
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain.Resumable, 'maybe_save', kill_after_step_1)
+        with pytest.raises(Killed):
+            pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
+    assert os.path.isfile(pretrain.tokens_path(str(tmp_path / 'stopped')))
+    original_rendered = pretrain.rendered
+
+    def all_but_the_training_set(split, n, *args):  # the report still renders its own few images
+        assert (split, n) != ('train', 64), 'the resumed stage rendered its training set again'
+        return original_rendered(split, n, *args)
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, 'rendered', all_but_the_training_set)
+        pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
+    assert os.listdir(tmp_path / 'stopped' / 'resume') == []  # a finished stage leaves no state and no tokens
+    whole, resumed = load_backbone(str(tmp_path / 'whole'))[1].state_dict(), load_backbone(str(tmp_path / 'stopped'))[1].state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
