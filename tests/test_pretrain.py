@@ -71,24 +71,30 @@ def test_written_models_load_strictly_and_run(pretrained_folder):
     assert model.encode_text(tokenizer(['a photo of a star'])).shape[-1] == pretrain.CLIP_CFG['embed_dim']
 
 
+class Killed(Exception):
+    pass
+
+
+def run_killed_after_save(argv, kill_step: int, monkeypatch):
+    """pretrain.main(argv), stopped as by a kill right after the stage saved its state at step kill_step."""
+    original_save = pretrain.Resumable.maybe_save
+
+    def save_then_kill(self, step, total, *state):
+        original_save(self, step, total, *state)
+        if step == kill_step:
+            raise Killed
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain.Resumable, 'maybe_save', save_then_kill)
+        with pytest.raises(Killed):
+            pretrain.main(argv)
+
+
 def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     """A stage killed after its step-2 state was saved, run again, ends with the same weights as a run never stopped."""
     flags = ['--stage', 'classifier', '--n_train', '64', '--classifier_steps', '4', '--ckpt_every', '2', '--gate_per_class', '2',
              '--device', 'cpu']
     pretrain.main(flags + ['--out', str(tmp_path / 'whole')])
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_step_2(self, step, total, *state):
-        original_save(self, step, total, *state)
-        if step == 2:
-            raise Killed
-    original_save = pretrain.Resumable.maybe_save
-    monkeypatch.setattr(pretrain.Resumable, 'maybe_save', kill_after_step_2)
-    with pytest.raises(Killed):
-        pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
-    monkeypatch.setattr(pretrain.Resumable, 'maybe_save', original_save)
+    run_killed_after_save(flags + ['--out', str(tmp_path / 'stopped')], 2, monkeypatch)
     assert os.path.isfile(tmp_path / 'stopped' / 'resume' / 'classifier.pt')
     pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
     assert not os.path.exists(tmp_path / 'stopped' / 'resume' / 'classifier.pt')  # a finished stage leaves no state
@@ -207,19 +213,7 @@ def test_a_resumed_var_stage_reuses_its_tokens_and_ends_as_an_uninterrupted_one(
     for name in ('whole', 'stopped'):
         shutil.copytree(pretrained_folder, tmp_path / name)
     pretrain.main(flags + ['--out', str(tmp_path / 'whole')])
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_step_1(self, step, total, *state):
-        original_save(self, step, total, *state)
-        if step == 1:
-            raise Killed
-    original_save = pretrain.Resumable.maybe_save
-    with monkeypatch.context() as patch:
-        patch.setattr(pretrain.Resumable, 'maybe_save', kill_after_step_1)
-        with pytest.raises(Killed):
-            pretrain.main(flags + ['--out', str(tmp_path / 'stopped')])
+    run_killed_after_save(flags + ['--out', str(tmp_path / 'stopped')], 1, monkeypatch)
     assert os.path.isfile(pretrain.tokens_path(str(tmp_path / 'stopped')))
     original_rendered = pretrain.rendered
 
