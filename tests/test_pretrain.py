@@ -37,12 +37,27 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     assert all(0 <= tv <= 1 for tv in var['attribute_tv_reconstructions'].values())
     assert set(var['attributes_samples']['size']) <= {'small', 'medium', 'large', 'none'}
     assert all(len(var[f'ce_{s}_per_scale']) == len(pretrain.PATCH_NUMS) for s in ('train', 'heldout'))
-    assert 0 <= report(pretrained_folder, 'clip')['image_to_caption_top1'] <= 1
+    clip = report(pretrained_folder, 'clip')
+    assert 0 <= clip['image_to_caption_top1'] <= 1 and clip['kappa'] == 4
+    assert clip['names_class_at_kappa'] == clip['scale4_names_class']
+    assert all(0 <= clip[f'scale{k}_names_class{of}'] <= 1 for k in range(1, 8) for of in ('', '_of_target'))
     assert 0 <= report(pretrained_folder, 'classifier')['heldout_accuracy'] <= 1
     decoder = report(pretrained_folder, 'decoder')
-    assert decoder['kappa'] == 4 and 0 <= decoder['clip_names_class_at_kappa'] <= 1
     assert all(0 < decoder[f'scale{k}_psnr_db'] < 60 for k in range(1, len(pretrain.PATCH_NUMS) + 1))
     assert all(report(pretrained_folder, s)['steps'] > 0 for s in ('vqvae', 'decoder', 'var', 'clip', 'classifier'))
+
+
+def test_the_clip_stage_sees_a_quarter_of_its_batch_as_the_vqvae_decodes_coarse_partial_sums(pretrained_folder):
+    vae, _ = load_backbone(pretrained_folder)
+    x = pretrain.to_input(pretrain.rendered('test', 8, 0)[0])
+    seen = pretrain.partial_sums_decoded(vae, x, np.random.default_rng(0))
+    assert torch.equal(seen[2:], x[2:])  # three quarters untouched
+    scales = np.random.default_rng(0).integers(2, 6, 2)  # the same draw: 0-based scales 2..K-2
+    partial = pretrain.decoded_partial_sums(vae, x[:2])
+    for b, k in enumerate(scales):
+        assert torch.allclose(seen[b], partial[k][b].clamp(-1, 1), atol=1e-5)
+    full = pretrain.decoded_partial_sums(vae, x[:2])[-1]
+    assert not torch.allclose(seen[:2], full, atol=1e-3)  # never the full reconstruction
 
 
 def test_attribute_tv_is_zero_for_one_distribution_and_grows_as_one_attribute_moves():
@@ -116,7 +131,8 @@ def test_a_resumed_stage_counts_the_seconds_of_every_run(tmp_path):
 
 @pytest.mark.parametrize('flags, message', [
     (['--stage', 'var'], '--stage var: no backbone.json, vqvae.pth, clip, shape_classifier.pth in --out'),
-    (['--stage', 'decoder'], '--stage decoder: no backbone.json, vqvae.pth, clip in --out'),
+    (['--stage', 'decoder'], '--stage decoder: no backbone.json, vqvae.pth in --out'),
+    (['--stage', 'clip'], '--stage clip: no backbone.json, vqvae.pth in --out'),
     (['--stage', 'vqvae', '--evaluate'], '--stage vqvae --evaluate: no backbone.json, vqvae.pth, var.pth in --out'),
     (['--stage', 'clip', '--clip_steps', '0'], '--clip_steps must be positive, got 0'),
     (['--stage', 'classifier', '--device', 'gpu0'], '--device gpu0 is not a device'),
