@@ -139,8 +139,9 @@ def check_args(args):
         raise ValueError(f'--captions {args.captions}: no such file')
 
 
-def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap')):
-    """A small line plot of the logged losses, one panel per loss (no plotting library needed)."""
+def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'), guess: Optional[float] = None):
+    """A small line plot of the logged losses, one panel per loss (no plotting library needed). `guess`, if given, is
+    drawn as a dashed line in the CLIP losses' panels: log(batch size), what a contrastive loss pays for guessing."""
     with open(log_path) as f:
         rows = [row for line in f if (row := log_row(line)) is not None]
     keys = [k for k in keys if any(k in r for r in rows)]
@@ -153,11 +154,18 @@ def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'))
         pts = [(r['step'], r[key]) for r in rows if key in r]
         x0 = panel * W
         steps, vals = [s for s, _ in pts], [v for _, v in pts]
-        lo, hi = min(vals), max(vals)
+        line_at = guess if key in ('sen', 'cap') else None
+        span = vals + ([line_at] if line_at is not None else [])
+        lo, hi = min(span), max(span)
         hi = hi if hi > lo else lo + 1e-6
         smax = max(max(steps), 1)
-        xy = [(x0 + pad + (s / smax) * (W - 2 * pad), H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)) for s, v in pts]
+        y_of = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
+        xy = [(x0 + pad + (s / smax) * (W - 2 * pad), y_of(v)) for s, v in pts]
         draw.rectangle((x0 + pad, pad, x0 + W - pad, H - pad), outline=(180, 180, 180))
+        if line_at is not None:
+            for x in range(x0 + pad, x0 + W - pad, 8):
+                draw.line([(x, y_of(line_at)), (min(x + 4, x0 + W - pad), y_of(line_at))], fill=(200, 60, 60), width=1)
+            draw.text((x0 + W - pad - 70, y_of(line_at) - 12), f'log B = {line_at:.2f}', fill=(200, 60, 60))
         if len(xy) > 1:
             draw.line(xy, fill=(40, 90, 200), width=2)
         draw.text((x0 + pad, 8), f'{key}  (last {vals[-1]:.4f})', fill='black')
@@ -474,7 +482,7 @@ def main(argv=None):
                 if step >= args.max_steps:
                     break
     if proc.master:
-        plot_losses(log_path, os.path.join(args.out_dir, 'losses.png'))
+        plot_losses(log_path, os.path.join(args.out_dir, 'losses.png'), guess=math.log(args.batch_size))
         print(f'done: {step} steps in {time.time() - t0:.1f}s; checkpoint {os.path.join(args.out_dir, "ckpt.pt")}')
     end_process(proc)
 

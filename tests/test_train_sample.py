@@ -897,3 +897,16 @@ def test_a_step_at_the_released_size(tmp_path):
         config = json.load(f)
     assert config['trainable_parameters'] == 143_360 and config['semantic_chunk'] is None
     assert load_file(str(tmp_path / 'run' / 'prompt.safetensors'))['prompt.tokens'].shape == (140, 1024)
+
+
+def test_loss_plot_marks_the_guessing_level_in_the_clip_losses_panels_alone(tmp_path):
+    log = tmp_path / 'log.jsonl'
+    log.write_text(''.join(json.dumps({'step': s, 'loss': 9 - s, 'ce': 5 - s / 2, 'sen': 5 - s / 4, 'cap': 4 - s / 4}) + '\n'
+                           for s in range(1, 5)))
+    train.plot_losses(str(log), str(tmp_path / 'with.png'), guess=np.log(16))
+    train.plot_losses(str(log), str(tmp_path / 'without.png'))
+    red = lambda png: [(np.asarray(Image.open(png).convert('RGB'))[:, 360 * p:360 * (p + 1)] == (200, 60, 60)).all(-1).sum()
+                       for p in range(4)]  # red pixels per panel: loss, ce, sen, cap
+    with_line = red(tmp_path / 'with.png')
+    assert with_line[0] == with_line[1] == 0 and with_line[2] > 50 and with_line[3] > 50
+    assert red(tmp_path / 'without.png') == [0, 0, 0, 0]
