@@ -64,3 +64,14 @@ def test_coarse_probe_table_has_a_row_per_step_to_i_sen(tiny_backbone):
     rows = [line for line in table if line.startswith('| ') and line.endswith('% |')]
     assert len(rows) == 4 and 'f_hat_kappa' in rows[2]
     assert all(0 <= float(row.split('|')[-2].strip(' %')) <= 100 for row in rows)
+
+
+def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, capsys):
+    K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
+    for beta in (0.5, 0.75):
+        table = evaluate.semantic_signal(tiny_backbone, batches=1, batch_size=4, beta=beta)
+        assert f'I_sen from scales 1..{math.floor(beta * K)} of {K}' in table.splitlines()[0]
+        assert len(table.splitlines()) == 3 + 5  # header, table head, one row per way of decoding
+    with pytest.raises(SystemExit):
+        evaluate.main(['--semantic_signal', tiny_backbone, '--beta', '1.5'])
+    assert '--beta must lie between 0 and 1, got 1.5' in capsys.readouterr().err
