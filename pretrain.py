@@ -494,7 +494,7 @@ def low_resolution(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def partial_sums_decoded(vae, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def quarter_as_coarse_decodes(vae, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """A quarter of the batch as the frozen VQVAE draws it from its own tokens up to a coarse scale k (3..K-1, one per
     image), decoded: the kind of image MVP's semantic loss shows CLIP (I_sen, Eq. 7). A real CLIP has seen millions of
     poor, blurry, badly compressed photos and judges such decodes; this tiny one has seen only clean renders, and named
@@ -529,7 +529,7 @@ def train_clip(args):
                  for i in pick]
         with autocast(device, args.dtype):
             x = to_input(train_images[torch.from_numpy(pick).to(device)])
-            x = partial_sums_decoded(vae, x, rng)  # a quarter: decoded partial sums
+            x = quarter_as_coarse_decodes(vae, x, rng)  # a quarter: decoded partial sums
             x = torch.cat((x[:B // 4], low_resolution(x[B // 4:], rng)))  # 3/8 lower resolution, 3/8 as rendered
             img_feats = F.normalize(model.encode_image(x).float(), dim=-1)
             txt_feats = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)

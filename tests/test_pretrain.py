@@ -50,7 +50,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
 def test_the_clip_stage_sees_a_quarter_of_its_batch_as_the_vqvae_decodes_coarse_partial_sums(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
     x = pretrain.to_input(pretrain.rendered('test', 8, 0)[0])
-    seen = pretrain.partial_sums_decoded(vae, x, np.random.default_rng(0))
+    seen = pretrain.quarter_as_coarse_decodes(vae, x, np.random.default_rng(0))
     assert torch.equal(seen[2:], x[2:])  # three quarters untouched
     scales = np.random.default_rng(0).integers(2, 6, 2)  # the same draw: 0-based scales 2..K-2
     partial = pretrain.decoded_partial_sums(vae, x[:2])
