@@ -246,7 +246,7 @@ def main(argv=None):
     p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '
                    'decoded from their own tokens up to every scale')
     p.add_argument('--per_class', type=int, default=50, help='class-to-image samples per class (50: FD_clip\'s '
-                   'standard error about 0.5, accuracy\'s about 1 point)')
+                   'standard error about 0.3, accuracy\'s about 1 point)')
     p.add_argument('--n_texts', type=int, default=500, help='text-to-image: held-out captions')
     p.add_argument('--cfg', type=float, default=1.5)
     p.add_argument('--dtype', default='fp32', choices=('fp32', 'bf16'), help='autocast dtype of sampling (the '
