@@ -152,11 +152,33 @@ def shape_weighted_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight * error).mean() / weight.mean()
 
 
+def coarse_partial_sums(quantizer, f: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
+    """f_hat_k for one coarse scale k per image (scale_B, 0-based, < K - 1) of latents f (B, Cvae, h, w), carrying the
+    gradient of the codes and phis that make it, plus the encoder's straight-through at that scale's resolution (as VQ
+    passes the full sum's gradient to f): what the partial-sum loss of the vqvae stage decodes."""
+    f_hats = quantizer.residual_quantize(f)[1]
+    batch = torch.arange(len(f), device=f.device)
+    f_hat_k = torch.stack(f_hats[:-1])[scale_B, batch]  # (B, Cvae, h, w)
+    low_k = torch.stack([F.interpolate(F.adaptive_avg_pool2d(f, pn), size=f.shape[-2:], mode='bicubic')
+                         for pn in quantizer.patch_nums[:-1]])[scale_B, batch]  # f as scales 1..k can hold it
+    return f_hat_k + (low_k - low_k.detach())
+
+
+def coarse_targets(x: torch.Tensor, scale_B: torch.Tensor, vae) -> torch.Tensor:
+    """Each image (B, 3, H, W) at its own scale (scale_B, 0-based): coarse_target per image."""
+    return torch.stack([coarse_target(x[b:b + 1], vae.patch_nums[k], vae.downsample)[0]
+                        for b, k in enumerate(scale_B.tolist())])
+
+
 def train_vqvae(args):
+    """The multi-scale VQVAE, from scratch (or from --vae_init's), on the reconstruction loss plus VQ's. With
+    --vae_coarse_weight, also on a partial-sum loss: one coarse partial sum per image, decoded, against the image at that
+    scale (coarse_target) with the reconstruction's shape-weighted error, through the codes, phis and decoder and the
+    encoder's straight-through: the coarse scales are to hold a coarse image, shape included, not the background alone."""
     torch.manual_seed(args.seed)
     device = args.device
     train_images = torch.as_tensor(rendered('train', args.n_train, args.seed)[0], device=device)  # uint8 (N, H, W, 3)
-    vae = VQVAE(**VAE_KWARGS).to(device).train()
+    vae = (load_backbone(args.vae_init)[0].float() if args.vae_init else VQVAE(**VAE_KWARGS)).to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
     steps, B = args.vae_steps, args.vae_batch
     rng = np.random.default_rng(args.seed)
@@ -165,8 +187,16 @@ def train_vqvae(args):
         for g in opt.param_groups:
             g['lr'] = cosine_lr(step, steps, args.vae_lr)
         x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
-        rec, vq_loss, idx = vae(x)
-        loss = shape_weighted_error(rec, x) + vq_loss
+        f = vae.quant_conv(vae.encoder(x))
+        f_hat, vq_loss, _ = vae.quantize(f)
+        if args.vae_coarse_weight:
+            scale_B = torch.from_numpy(rng.integers(0, len(vae.patch_nums) - 1, B)).to(device)
+            f_coarse = coarse_partial_sums(vae.quantize, f.float(), scale_B)
+            rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hat, f_coarse)))).chunk(2)
+            coarse_loss = shape_weighted_error(coarse, coarse_targets(x, scale_B, vae))
+        else:
+            rec, coarse_loss = vae.decoder(vae.post_quant_conv(f_hat)), torch.zeros((), device=device)
+        loss = shape_weighted_error(rec, x) + vq_loss + args.vae_coarse_weight * coarse_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,8 +213,8 @@ def train_vqvae(args):
                     vae.quantize.embedding.weight[dead.nonzero()[:len(picks), 0]] = picks
                     vae.quantize.ema_vocab_hit_SV[:, dead] = 1.0
         if step % args.log_every == 0 or step == steps - 1:
-            log('vqvae', step, steps, resume.start, loss=loss.item(), vq=vq_loss.item(), psnr=psnr(rec.clamp(-1, 1), x),
-                usage=vae.quantize.codebook_usage())
+            log('vqvae', step, steps, resume.start, loss=loss.item(), vq=vq_loss.item(), coarse=coarse_loss.item(),
+                psnr=psnr(rec.clamp(-1, 1), x), usage=vae.quantize.codebook_usage())
         resume.maybe_save(step + 1, steps, vae, opt, rng)
     save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
     resume.finish()
@@ -200,7 +230,8 @@ def evaluate_vqvae(args) -> dict:
     x, idx = to_input(images, device), tokenise(vae, images, device)
     rec = torch.cat([vae.idx_to_img([m[i:i + 100] for m in idx]) for i in range(0, len(x), 100)])
     report = {'heldout_psnr_db': round(psnr(rec, x), 2), 'codebook_usage': round(vae.quantize.codebook_usage(), 3),
-              'images': n, 'code_perplexity_per_scale': code_perplexity(idx, vae.vocab_size)}
+              'images': n, 'code_perplexity_per_scale': code_perplexity(idx, vae.vocab_size),
+              'latent_energy_left_per_scale': latent_energy_left(vae, x)}
     if os.path.exists(os.path.join(out, 'shape_classifier.pth')):
         classifier, labels = shapes.load_shape_classifier(out).to(device), torch.tensor([a['label'] for a in items])
         report['recon_shape_recognised'] = round((classifier(rec).argmax(1).cpu() == labels).float().mean().item(), 3)
@@ -223,6 +254,18 @@ def code_perplexity(idx: list, vocab_size: int) -> list:
     p_SV = p_SV / p_SV.sum(1, keepdim=True)
     entropy_S = -(p_SV * p_SV.clamp_min(1e-12).log()).sum(1)
     return [round(v, 1) for v in entropy_S.exp().tolist()]
+
+
+@torch.no_grad()
+def latent_energy_left(vae, x: torch.Tensor, chunk: int = 500) -> list:
+    """||f - f_hat_k||^2 / ||f||^2 after each scale k over images x (N, 3, H, W): how much of the encoder's latent f the
+    scales 1..k explain together. Where it barely falls between two scales, the scale between adds almost nothing."""
+    left_S, total = 0, 0
+    for i in range(0, len(x), chunk):
+        f = vae.quant_conv(vae.encoder(x[i:i + chunk])).float()
+        left_S = left_S + torch.stack([(f - f_hat).square().sum() for f_hat in vae.quantize.residual_quantize(f)[1]])
+        total = total + f.square().sum()
+    return [round(v, 3) for v in (left_S / total).tolist()]
 
 
 def coarse_target(x: torch.Tensor, pn: int, downsample: int) -> torch.Tensor:
@@ -261,8 +304,7 @@ def train_decoder(args):
             f_hats = vae.img_to_partial_sums(x)  # K partial sums
             scale_B = torch.from_numpy(rng.integers(0, K - 1, B)).to(device)  # one coarse scale per image
             f_coarse = torch.stack(f_hats[:-1])[scale_B, torch.arange(B, device=device)]  # (B, Cvae, h, w)
-            target = torch.stack([coarse_target(x[b:b + 1], vae.patch_nums[k], vae.downsample)[0]
-                                  for b, k in enumerate(scale_B.tolist())])
+            target = coarse_targets(x, scale_B, vae)
         with autocast(device, args.dtype):
             rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hats[-1], f_coarse)))).float().chunk(2)
         full_loss = shape_weighted_error(rec, x)
@@ -331,7 +373,7 @@ def train_var(args):
     device = args.device
     vae, _ = load_backbone(args.out, device=device)
     idx_all, labels = var_training_tokens(args, vae)
-    var = VAR(**VAR_KWARGS).to(device).train()
+    var = (load_backbone(args.var_init)[1].float() if args.var_init else VAR(**VAR_KWARGS)).to(device).train()
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]
     no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'emb' not in n and 'pos' not in n)]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05}, {'params': no_decay, 'weight_decay': 0.0}],
@@ -599,6 +641,12 @@ def input_error(args, stages) -> str:
     for name in POSITIVE:
         if not getattr(args, name) > 0:
             return f'--{name} must be positive, got {getattr(args, name)}'
+    if args.vae_coarse_weight < 0:
+        return f'--vae_coarse_weight must be 0 or more, got {args.vae_coarse_weight}'
+    for flag, name in (('vae_init', 'vqvae.pth'), ('var_init', 'var.pth')):
+        folder = getattr(args, flag)
+        if folder and not all(os.path.isfile(os.path.join(folder, f)) for f in ('backbone.json', name)):
+            return f'--{flag} {folder}: no backbone.json and {name} there'
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f'--out {args.out} is a file, not a folder'
     have = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
@@ -622,11 +670,17 @@ def main(argv=None):
     p.add_argument('--vae_steps', type=int, default=8000)
     p.add_argument('--vae_batch', type=int, default=64)
     p.add_argument('--vae_lr', type=float, default=2e-3)
+    p.add_argument('--vae_coarse_weight', type=float, default=0.0, help='weight of the vqvae stage\'s partial-sum loss '
+                   '(0: the shipped tokenizer\'s training)')
+    p.add_argument('--vae_init', default='', help='the vqvae stage starts from this backbone folder\'s VQVAE instead of '
+                   'from scratch')
     p.add_argument('--decoder_steps', type=int, default=800)
     p.add_argument('--decoder_batch', type=int, default=32)
     p.add_argument('--decoder_lr', type=float, default=3e-4)
     p.add_argument('--var_steps', type=int, default=6000)
     p.add_argument('--var_batch', type=int, default=256)
+    p.add_argument('--var_init', default='', help='the var stage starts from this backbone folder\'s VAR instead of '
+                   'from scratch (a VAR for a fine-tuned tokenizer)')
     p.add_argument('--var_lr', type=float, default=1e-3)
     p.add_argument('--gate_per_class', type=int, default=100, help='held-out images (VQVAE, classifier) and samples (VAR) per class for the gates')
     p.add_argument('--cfg', type=float, default=1.5, help='guidance of the VAR gates\' samples (evaluate.py\'s default)')

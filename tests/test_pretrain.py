@@ -29,6 +29,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     vqvae = report(pretrained_folder, 'vqvae')
     assert 0 < vqvae['heldout_psnr_db'] < 60 and 0 < vqvae['codebook_usage'] <= 1
     assert all(1 <= p <= 1024 for p in vqvae['code_perplexity_per_scale']) and len(vqvae['code_perplexity_per_scale']) == 7
+    assert len(vqvae['latent_energy_left_per_scale']) == 7 and all(v >= 0 for v in vqvae['latent_energy_left_per_scale'])
     assert 0 <= vqvae['recon_shape_recognised'] <= 1  # the classifier stage ran first, so this is measured
     var = report(pretrained_folder, 'var')
     assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 2 * shapes.NUM_CLASSES
@@ -135,6 +136,9 @@ def test_a_resumed_stage_counts_the_seconds_of_every_run(tmp_path):
     (['--stage', 'vqvae', '--evaluate'], '--stage vqvae --evaluate: no backbone.json, vqvae.pth, var.pth in --out'),
     (['--stage', 'clip', '--clip_steps', '0'], '--clip_steps must be positive, got 0'),
     (['--stage', 'classifier', '--device', 'gpu0'], '--device gpu0 is not a device'),
+    (['--stage', 'vqvae', '--vae_coarse_weight', '-1'], '--vae_coarse_weight must be 0 or more, got -1.0'),
+    (['--stage', 'vqvae', '--vae_init', '/nonexistent-folder'], '--vae_init /nonexistent-folder: no backbone.json and vqvae.pth there'),
+    (['--stage', 'var', '--var_init', '/nonexistent-folder'], '--var_init /nonexistent-folder: no backbone.json and var.pth there'),
 ])
 def test_bad_input_stops_with_one_line_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / 'new'
@@ -147,6 +151,7 @@ def test_bad_input_stops_with_one_line_before_any_work(tmp_path, capsys, flags, 
 def test_stage_all_needs_nothing_in_out_and_a_stage_may_use_what_is_there(pretrained_folder):
     args = type('Args', (), {name: 1 for name in pretrain.POSITIVE})()
     args.out, args.evaluate, args.device = '/nonexistent-folder', False, 'cpu'
+    args.vae_coarse_weight, args.vae_init, args.var_init = 0.0, '', ''
     assert pretrain.input_error(args, tuple(pretrain.STAGES)) == ''  # each stage writes what the next one reads
     args.out = pretrained_folder
     assert pretrain.input_error(args, ('var',)) == ''
@@ -219,6 +224,47 @@ def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
     assert perplexity[0] <= 20 and all(1 <= p <= min(20 * pn * pn, 1024) for p, pn in zip(perplexity, vae.patch_nums))
     blank = np.zeros_like(images)  # one image repeated: every scale's codes are the same at each position
     assert pretrain.code_perplexity(pretrain.tokenise(vae, blank, 'cpu'), vae.vocab_size)[0] == 1.0
+
+
+def test_latent_energy_left_falls_to_the_reconstructions_error_and_stays_whole_when_nothing_is_quantized(pretrained_folder):
+    vae, _ = load_backbone(pretrained_folder)
+    x = pretrain.to_input(pretrain.rendered('test', 6)[0])
+    left = pretrain.latent_energy_left(vae, x, chunk=4)  # two chunks, summed before the ratio
+    f = vae.quant_conv(vae.encoder(x)).float()
+    f_hat = vae.quantize.residual_quantize(f)[1][-1]
+    assert len(left) == len(vae.patch_nums)
+    assert abs(left[-1] - ((f - f_hat).square().sum() / f.square().sum()).item()) < 1e-3
+    with torch.no_grad():  # codes and phis that add nothing: every scale leaves the whole latent unexplained
+        vae.quantize.embedding.weight.zero_()
+        for phi in vae.quantize.quant_resi.qresi_ls:
+            phi.weight.zero_()
+            phi.bias.zero_()
+    assert pretrain.latent_energy_left(vae, x) == [1.0] * len(vae.patch_nums)
+
+
+def test_a_coarse_partial_sum_is_the_quantizers_own_and_trains_codes_phis_and_encoder(pretrained_folder):
+    vae, _ = load_backbone(pretrained_folder)
+    vae = vae.float()
+    f = vae.quant_conv(vae.encoder(pretrain.to_input(pretrain.rendered('test', 4)[0]))).detach().requires_grad_(True)
+    scale_B = torch.tensor([0, 2, 5, 3])
+    coarse = pretrain.coarse_partial_sums(vae.quantize, f, scale_B)
+    f_hats = vae.quantize.residual_quantize(f)[1]
+    for b, k in enumerate(scale_B.tolist()):
+        assert torch.allclose(coarse[b], f_hats[k][b], atol=1e-5)  # the straight-through adds nothing forward
+    coarse.square().sum().backward()
+    assert f.grad.abs().sum() > 0 and vae.quantize.embedding.weight.grad.abs().sum() > 0
+    assert all(phi.weight.grad is not None for phi in vae.quantize.quant_resi.qresi_ls[:2])  # coarse scales' phis
+
+
+def test_the_vqvae_stage_may_start_from_a_saved_vqvae_and_add_the_partial_sum_loss(pretrained_folder, tmp_path, capsys):
+    out = str(tmp_path / 'v3')
+    pretrain.main(['--stage', 'vqvae', '--out', out, '--vae_init', pretrained_folder, '--vae_coarse_weight', '1',
+                   '--vae_steps', '1', '--vae_lr', '1e-9', '--vae_batch', '4', '--n_train', '16', '--gate_per_class', '1',
+                   '--log_every', '1', '--device', 'cpu'])
+    logged = capsys.readouterr().out
+    assert ' coarse ' in logged and ' coarse 0.0000 ' not in logged
+    before, after = (dict(load_backbone(folder)[0].named_parameters()) for folder in (pretrained_folder, out))
+    assert all(torch.allclose(before[name].float(), after[name].float(), atol=1e-3) for name in before)  # lr ~0: the init
 
 
 def test_a_resumed_var_stage_reuses_its_tokens_and_ends_as_an_uninterrupted_one(pretrained_folder, tmp_path, monkeypatch):
