@@ -643,10 +643,15 @@ def input_error(args, stages) -> str:
             return f'--{name} must be positive, got {getattr(args, name)}'
     if args.vae_coarse_weight < 0:
         return f'--vae_coarse_weight must be 0 or more, got {args.vae_coarse_weight}'
-    for flag, name in (('vae_init', 'vqvae.pth'), ('var_init', 'var.pth')):
+    for flag, name, model, kwargs in (('vae_init', 'vqvae.pth', 'vqvae', VAE_KWARGS), ('var_init', 'var.pth', 'var', VAR_KWARGS)):
         folder = getattr(args, flag)
-        if folder and not all(os.path.isfile(os.path.join(folder, f)) for f in ('backbone.json', name)):
+        if not folder:
+            continue
+        if not all(os.path.isfile(os.path.join(folder, f)) for f in ('backbone.json', name)):
             return f'--{flag} {folder}: no backbone.json and {name} there'
+        with open(os.path.join(folder, 'backbone.json')) as f:
+            if json.load(f).get(model) != json.loads(json.dumps(kwargs)):  # tuples as JSON lists
+                return f'--{flag} {folder}: its {model} in backbone.json is not the one this script trains ({kwargs})'
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f'--out {args.out} is a file, not a folder'
     have = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()

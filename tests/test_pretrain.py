@@ -148,6 +148,18 @@ def test_bad_input_stops_with_one_line_before_any_work(tmp_path, capsys, flags, 
     assert not out.exists()  # nothing rendered, trained or written
 
 
+def test_a_stage_starts_only_from_a_backbone_of_the_architecture_it_trains(pretrained_folder, tmp_path):
+    import shutil
+    other = tmp_path / 'other'
+    shutil.copytree(pretrained_folder, other)
+    config = json.loads((other / 'backbone.json').read_text())
+    config['var']['depth'] = 2
+    (other / 'backbone.json').write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(['--stage', 'var', '--out', pretrained_folder, '--var_init', str(other), '--device', 'cpu'])
+    assert str(stop.value).startswith(f'error: --var_init {other}: its var in backbone.json is not the one this script trains')
+
+
 def test_stage_all_needs_nothing_in_out_and_a_stage_may_use_what_is_there(pretrained_folder):
     args = type('Args', (), {name: 1 for name in pretrain.POSITIVE})()
     args.out, args.evaluate, args.device = '/nonexistent-folder', False, 'cpu'
