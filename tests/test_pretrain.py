@@ -148,6 +148,16 @@ def test_bad_input_stops_with_one_line_before_any_work(tmp_path, capsys, flags, 
     assert not out.exists()  # nothing rendered, trained or written
 
 
+def test_the_var_stage_may_start_from_a_saved_var(pretrained_folder, tmp_path):
+    import shutil
+    out = tmp_path / 'copy'
+    shutil.copytree(pretrained_folder, out)
+    pretrain.main(['--stage', 'var', '--out', str(out), '--var_init', pretrained_folder, '--var_steps', '1', '--var_lr', '1e-9',
+                   '--var_batch', '4', '--n_train', '16', '--gate_per_class', '1', '--seed', '1', '--device', 'cpu'])
+    before, after = (dict(load_backbone(folder)[1].named_parameters()) for folder in (pretrained_folder, str(out)))
+    assert all(torch.allclose(before[name].float(), after[name].float(), atol=1e-3) for name in before)  # lr ~0: the init
+
+
 def test_a_stage_starts_only_from_a_backbone_of_the_architecture_it_trains(pretrained_folder, tmp_path):
     import shutil
     other = tmp_path / 'other'
@@ -272,7 +282,7 @@ def test_the_vqvae_stage_may_start_from_a_saved_vqvae_and_add_the_partial_sum_lo
     out = str(tmp_path / 'v3')
     pretrain.main(['--stage', 'vqvae', '--out', out, '--vae_init', pretrained_folder, '--vae_coarse_weight', '1',
                    '--vae_steps', '1', '--vae_lr', '1e-9', '--vae_batch', '4', '--n_train', '16', '--gate_per_class', '1',
-                   '--log_every', '1', '--device', 'cpu'])
+                   '--log_every', '1', '--seed', '1', '--device', 'cpu'])
     logged = capsys.readouterr().out
     assert ' coarse ' in logged and ' coarse 0.0000 ' not in logged
     before, after = (dict(load_backbone(folder)[0].named_parameters()) for folder in (pretrained_folder, out))
