@@ -13,6 +13,7 @@ fine-tuning) and the least-squares text projection for text-to-image.
 
     python evaluate.py --semantic_signal checkpoints/shapes   # Eq. 8's losses on images decoded in each way train.py offers
     python evaluate.py --coarse_probe checkpoints/shapes      # how much of the class survives down to I_sen's scale
+    python evaluate.py --prefix_probe checkpoints/shapes      # at which scale the VAR's samples part from the renders
 """
 import argparse
 import os
@@ -216,6 +217,51 @@ def coarse_probe(backbone: str, n_train: int = 8000, n_test: int = 1000, seed: i
 
 
 @torch.no_grad()
+def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                 seed: int = 0) -> str:
+    """Where the VAR's samples part from the renders (the README's table): held-out renders' own token maps are given
+    for scales 1..j and the VAR samples the rest (given_idx in VAR.generate), for j = 0 (plain sampling) to K (the
+    reconstruction). FD_clip against other held-out renders, the class recognised, and the total variation distance
+    of each attribute the class leaves free: the scale at which a figure jumps is where the samples go astray. And, at
+    the first sampled scale, how many tokens per image leave that scale's commonest code (where the image holds
+    something beyond the background) in the samples and in the renders' own maps: a mean that matches with a spread
+    that does not is the mark of tokens sampled independently where the image's tokens go together."""
+    from pretrain import attribute_distributions, attribute_tv, rendered, to_input
+    vae, var = load_backbone(backbone)
+    classifier = shapes.load_shape_classifier(backbone)
+    features = ClipFeatures(pretrained=os.path.join(backbone, 'clip'))
+    renders = rendered('test', n, 1, vae.image_size)[0]  # the pretrain gate's sets: the reference ...
+    images, items = rendered('test', n, 2, vae.image_size)  # ... and the renders whose tokens are given
+    labels = torch.tensor([a['label'] for a in items])
+    renders_stats, reference = feature_statistics(features.images(renders)), attribute_distributions(renders)
+    chunks = [vae.img_to_idx(to_input(images[i:i + 250])) for i in range(0, n, 250)]
+    own_idx = [torch.cat(maps) for maps in zip(*chunks)]  # K maps, (n, pn*pn) each
+    lines = [f'{n} held-out renders, class-conditional, cfg {cfg_scale}, top-k {top_k}, top-p {top_p}',
+             '| scales given (the rest sampled) | FD_clip | class recognised | ' +
+             ' | '.join(f'TV {a}' for a in reference) + ' | the next scale: tokens off its commonest code per image, '
+             'sampled / own (mean ± sd) |', '|---' * (4 + len(reference)) + '|']
+    for j in range(len(var.patch_nums) + 1):
+        sampled = [torch.cat(maps) for maps in zip(*[
+            var.generate(vae, var.class_emb(labels[i:i + 250]), cfg=cfg_scale, top_k=min(top_k, var.vocab_size),
+                         top_p=top_p, seed=seed + i, given_idx=[m[i:i + 250] for m in own_idx[:j]])
+            for i in range(0, n, 250)])]
+        generated = torch.cat([vae.idx_to_img([m[i:i + 250] for m in sampled]) for i in range(0, n, 250)])
+        generated = generated.add(1).mul(0.5).clamp(0, 1)  # (n, 3, H, W) in [0, 1]
+        recognised = (classifier(generated * 2 - 1).argmax(1) == labels).float().mean().item()
+        samples = to_uint8(generated)
+        tv = attribute_tv(attribute_distributions(samples), reference)
+        given = 'none' if j == 0 else f'1..{j} of {len(var.patch_nums)}'
+        off = ''
+        if j < len(var.patch_nums):
+            commonest = own_idx[j].flatten().mode().values
+            counts = [(maps[j] != commonest).sum(1).float() for maps in (sampled, own_idx)]  # (n,) each
+            off = ' / '.join(f'{c.mean():.2f} ± {c.std():.2f}' for c in counts)
+        lines.append(f'| {given} | {fd_clip(features, samples, renders_stats):.2f} | {recognised:.1%} | ' +
+                     ' | '.join(f'{v:.2f}' for v in tv.values()) + f' | {off} |')
+    return '\n'.join(lines)
+
+
+@torch.no_grad()
 def partial_sums_figure(backbone: str, path: str, n: int = 8):
     """A PNG: n held-out renders (top row) and, below, the image decoded from its own tokens up to scale 1, 2, ..., K
     (the last row is the VQVAE's reconstruction): what I_sen and I_cap look like when the predictions are exact."""
@@ -243,6 +289,8 @@ def main(argv=None):
     p.add_argument('--beta', type=float, default=0.6, help='with --semantic_signal: kappa = floor(beta K), I_sen\'s scale')
     p.add_argument('--coarse_probe', metavar='BACKBONE', help='instead: how well an MLP names the class from a shapes '
                    'backbone\'s latents, averaged and quantized down to I_sen\'s scale (the README\'s table)')
+    p.add_argument('--prefix_probe', metavar='BACKBONE', help='instead: samples of a shapes backbone\'s VAR given '
+                   'held-out renders\' own tokens up to each scale (the README\'s table)')
     p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '
                    'decoded from their own tokens up to every scale')
     p.add_argument('--per_class', type=int, default=50, help='class-to-image samples per class (50: FD_clip\'s '
@@ -269,12 +317,15 @@ def main(argv=None):
     if args.coarse_probe:
         print(coarse_probe(args.coarse_probe, seed=args.seed))
         return
+    if args.prefix_probe:
+        print(prefix_probe(args.prefix_probe, cfg_scale=args.cfg, seed=args.seed))
+        return
     if args.partial_sums:
         partial_sums_figure(*args.partial_sums)
         print(f'wrote {args.partial_sums[1]}')
         return
     if not args.ckpt:
-        p.error('--ckpt, --semantic_signal, --coarse_probe or --partial_sums is required')
+        p.error('--ckpt, --semantic_signal, --coarse_probe, --prefix_probe or --partial_sums is required')
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg, dtype=DTYPES[args.dtype])
     print(format_results(results))
     if args.json:

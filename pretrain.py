@@ -25,6 +25,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -49,13 +50,13 @@ CLIP_CFG = dict(embed_dim=64,
                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3))
 
 
-def rendered(split: str, n: int, seed: int = 0):
+def rendered(split: str, n: int, seed: int = 0, image_size: int = IMAGE_SIZE):
     """(images uint8 (N, H, W, 3), the attribute dicts) of a split, rendered once (on every core)."""
     items = shapes.make_split(split, n, seed)
     if n < 2000:
-        return np.stack([shapes.render(a, IMAGE_SIZE) for a in items]), items
+        return np.stack([shapes.render(a, image_size) for a in items]), items
     with multiprocessing.get_context('spawn').Pool() as pool:
-        return np.stack(pool.map(shapes.render, items, chunksize=500)), items
+        return np.stack(pool.map(partial(shapes.render, image_size=image_size), items, chunksize=500)), items
 
 
 def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]

@@ -17,7 +17,7 @@ With neither, this is the untouched VAR, and the parameter names are the
 released checkpoints' (`var_d16.pth` ... `var_d36.pth`), which load strict.
 """
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -262,11 +262,14 @@ class VAR(nn.Module):
     @torch.no_grad()
     def generate(self, vqvae: VQVAE, cond_BD: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                  seed: Optional[int] = None, prompt_1LC: Optional[torch.Tensor] = None,
-                 prefix_1PC: Optional[torch.Tensor] = None, use_kv_cache: bool = True) -> List[torch.Tensor]:
+                 prefix_1PC: Optional[torch.Tensor] = None, use_kv_cache: bool = True,
+                 given_idx: Sequence[torch.Tensor] = ()) -> List[torch.Tensor]:
         """Next-scale sampling with classifier-free guidance (VAR paper, Sec. 4; the released sampler).
 
         cond_BD: (B, C) conditions; the guidance branch uses the null class. Guidance grows linearly with the
         scale index: t_k = cfg * k / (K - 1), logits = (1 + t_k) * cond - t_k * uncond.
+        given_idx: token maps of the first scales, (B, pn*pn) each, taken instead of sampled (the VAR paper's zero-shot
+        editing teacher-forces known tokens the same way); the rest are sampled given them.
         Returns the sampled token maps, a list of (B, pn*pn) long tensors; vqvae.idx_to_img turns them into images.
         """
         B = cond_BD.shape[0]
@@ -298,7 +301,7 @@ class VAR(nn.Module):
                 logits_2BlV = self.logits(x[:, -(end - begin):], cond_2BD)
                 t = cfg * si / (len(self.patch_nums) - 1)
                 logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-                idx_Bl = sample_top_k_top_p(logits_BlV, top_k, top_p, rng)  # (B, pn*pn)
+                idx_Bl = given_idx[si] if si < len(given_idx) else sample_top_k_top_p(logits_BlV, top_k, top_p, rng)
                 idx_list.append(idx_Bl)
                 h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
                 f_hat, next_map = vqvae.quantize.next_autoregressive_input(si, f_hat, h_BChw)

@@ -541,6 +541,21 @@ def test_generate_kv_cache_off_is_identical(var, vae, top_k, top_p, cfg):
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
+def test_generate_takes_the_given_scales_and_samples_the_rest_given_them(var, vae):
+    cond = var.class_condition(torch.tensor([1, 2, 4]))
+    with torch.no_grad():
+        greedy = var.generate(vae, cond, cfg=1.5, top_k=1)  # top_k=1: deterministic, so "the rest" can be compared
+        for j in range(len(PN) + 1):  # given its own first j maps, greedy sampling must reproduce itself
+            again = var.generate(vae, cond, cfg=1.5, top_k=1, given_idx=greedy[:j])
+            assert all(torch.equal(a, b) for a, b in zip(again, greedy))
+        other = var.generate(vae, var.class_condition(torch.tensor([3, 0, 0])), cfg=1.5, top_k=1)
+        mixed = var.generate(vae, cond, cfg=1.5, top_k=1, given_idx=other[:2])
+        uncached = var.generate(vae, cond, cfg=1.5, top_k=1, given_idx=other[:2], use_kv_cache=False)
+    assert all(torch.equal(a, b) for a, b in zip(mixed[:2], other[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, uncached))
+    assert not all(torch.equal(a, b) for a, b in zip(mixed[2:], greedy[2:]))  # the later scales follow the given maps
+
+
 def test_greedy_is_argmax_of_teacher_forcing(var, vae):
     cond = var.class_condition(torch.tensor([1, 2, 4]))
     with torch.no_grad():

@@ -66,6 +66,14 @@ def test_coarse_probe_table_has_a_row_per_step_to_i_sen(tiny_backbone):
     assert all(0 <= float(row.split('|')[-2].strip(' %')) <= 100 for row in rows)
 
 
+def test_prefix_probe_samples_less_the_more_scales_it_is_given(tiny_backbone):
+    K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
+    tables = [evaluate.prefix_probe(tiny_backbone, n=12, seed=seed).splitlines()[3:] for seed in (0, 1)]
+    assert [row.split(' | ')[0] for row in tables[0]] == ['| none'] + [f'| 1..{j} of {K}' for j in range(1, K + 1)]
+    assert tables[0][-1] == tables[1][-1]  # every scale given: the reconstructions, whatever the seed
+    assert tables[0][0] != tables[1][0]  # nothing given: the samples follow the seed
+
+
 def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, capsys):
     K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
     for beta in (0.5, 0.75):
