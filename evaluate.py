@@ -12,7 +12,7 @@ trained: the plain VAR for class-to-image; zero prompts (or a zero LoRA update, 
 fine-tuning) and the least-squares text projection for text-to-image.
 
     python evaluate.py --semantic_signal checkpoints/shapes   # Eq. 8's losses on images decoded in each way train.py offers
-    python evaluate.py --coarse_probe checkpoints/shapes      # how much of the class survives down to I_sen's scale
+    python evaluate.py --coarse_probe checkpoints/shapes      # how much of the class, size, place the coarse scales hold
     python evaluate.py --prefix_probe checkpoints/shapes      # at which scale the VAR's samples part from the renders
 """
 import argparse
@@ -183,12 +183,15 @@ def class_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
 
 def coarse_probe(backbone: str, n_train: int = 8000, n_test: int = 1000, seed: int = 0) -> str:
-    """Where the class is lost on the way to I_sen (the README's table): class_probe, trained on renders and scored on
-    held-out ones, on the VQVAE's latent before and after each step that turns it into f_hat_kappa, the sum of the
-    coarse scales that I_sen decodes (Eq. 7)."""
+    """What the coarse scales hold (the README's table): class_probe, trained on renders and scored on held-out ones,
+    names the class, and the size and position the class leaves free, from the VQVAE's latent before and after each
+    step that turns it into f_hat_kappa, the sum of the coarse scales that I_sen decodes (Eq. 7), and from the first
+    scales' partial sums, which the VAR's next maps are drawn given."""
     vae, _ = load_backbone(backbone)
     kappa = inter_anchor(0.6, len(vae.patch_nums))
     pn = vae.patch_nums[kappa - 1]
+    targets = {'class': lambda a: a['label'], 'size': lambda a: list(shapes.SIZES).index(a['size']),
+               'position': lambda a: shapes.POSITIONS.index(a['position'])}
 
     @torch.no_grad()
     def views(split: str, n: int, split_seed: int):
@@ -201,18 +204,22 @@ def coarse_probe(backbone: str, n_train: int = 8000, n_test: int = 1000, seed: i
             for name, v in ((f'the latent, {z_BChw.shape[-1]}x{z_BChw.shape[-1]}', z_BChw),
                             (f'the latent area-averaged to {pn}x{pn} (scale kappa = {kappa}), not quantized',
                              F.adaptive_avg_pool2d(z_BChw, pn)),
-                            (f"f_hat_kappa: the image's own tokens, scales 1..{kappa} (what I_sen decodes)",
+                            ("f_hat_1: the image's own token of scale 1 (what scale 2 is drawn given)", f_hats[0]),
+                            ("f_hat_2: its own tokens, scales 1..2", f_hats[1]),
+                            (f"f_hat_kappa: its own tokens, scales 1..{kappa} (what I_sen decodes)",
                              f_hats[kappa - 1]),
                             ('f_hat_K: all scales (what the reconstruction decodes)', f_hats[-1])):
                 rows.setdefault(name, []).append(v)
-        return {name: torch.cat(v) for name, v in rows.items()}, torch.tensor([a['label'] for a in items])
+        labels = {target: torch.tensor([label(a) for a in items]) for target, label in targets.items()}
+        return {name: torch.cat(v) for name, v in rows.items()}, labels
 
     (train_views, train_y), (test_views, test_y) = views('train', n_train, seed), views('test', n_test, seed + 1)
-    lines = [f'class_probe (MLP, {n_train} training renders, {n_test} held-out; chance {1 / (int(train_y.max()) + 1):.0%})',
-             '| features | held-out accuracy |', '|---|---|']
+    chance = ' / '.join(f'{1 / (int(train_y[t].max()) + 1):.0%}' for t in targets)
+    lines = [f'class_probe (MLP, {n_train} training renders, {n_test} held-out; chance {chance})',
+             '| features | ' + ' | '.join(f'names the {t}' for t in targets) + ' |', '|---' * (1 + len(targets)) + '|']
     for name in train_views:
-        accuracy = class_probe(train_views[name], train_y, test_views[name], test_y, seed=seed)
-        lines.append(f'| {name} | {accuracy:.1%} |')
+        accuracies = [class_probe(train_views[name], train_y[t], test_views[name], test_y[t], seed=seed) for t in targets]
+        lines.append(f'| {name} | ' + ' | '.join(f'{a:.1%}' for a in accuracies) + ' |')
     return '\n'.join(lines)
 
 
@@ -287,8 +294,9 @@ def main(argv=None):
     p.add_argument('--semantic_signal', metavar='BACKBONE', help='instead: the semantic loss on images decoded in '
                    'several ways from a shapes backbone folder (the README\'s table)')
     p.add_argument('--beta', type=float, default=0.6, help='with --semantic_signal: kappa = floor(beta K), I_sen\'s scale')
-    p.add_argument('--coarse_probe', metavar='BACKBONE', help='instead: how well an MLP names the class from a shapes '
-                   'backbone\'s latents, averaged and quantized down to I_sen\'s scale (the README\'s table)')
+    p.add_argument('--coarse_probe', metavar='BACKBONE', help='instead: how well an MLP names the class, size and '
+                   'position from a shapes backbone\'s latents, averaged and quantized down to the coarse scales (the '
+                   'README\'s table)')
     p.add_argument('--prefix_probe', metavar='BACKBONE', help='instead: samples of a shapes backbone\'s VAR given '
                    'held-out renders\' own tokens up to each scale (the README\'s table)')
     p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '

@@ -59,11 +59,12 @@ def test_class_probe_reads_a_class_only_where_the_features_hold_it():
     assert evaluate.class_probe(noise[:500], labels[:500], noise[500:], labels[500:], epochs=5) < 0.45  # chance 0.25
 
 
-def test_coarse_probe_table_has_a_row_per_step_to_i_sen(tiny_backbone):
+def test_coarse_probe_table_has_a_row_per_step_to_i_sen_and_a_column_per_target(tiny_backbone):
     table = evaluate.coarse_probe(tiny_backbone, n_train=40, n_test=20).splitlines()
+    assert table[1] == '| features | names the class | names the size | names the position |'
     rows = [line for line in table if line.startswith('| ') and line.endswith('% |')]
-    assert len(rows) == 4 and 'f_hat_kappa' in rows[2]
-    assert all(0 <= float(row.split('|')[-2].strip(' %')) <= 100 for row in rows)
+    assert len(rows) == 6 and 'f_hat_1' in rows[2] and 'f_hat_kappa' in rows[4]
+    assert all(0 <= float(cell.strip(' %')) <= 100 for row in rows for cell in row.split('|')[2:-1])
 
 
 def test_prefix_probe_samples_less_the_more_scales_it_is_given(tiny_backbone):
