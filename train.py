@@ -272,6 +272,8 @@ def setup_process(args) -> Process:
 
 def end_process(proc: Process, exit_code: Optional[int] = None):
     if proc.ddp:
+        if exit_code is None:  # a normal end: no rank tears the group down while rank 0 still writes (after an
+            dist.barrier()  # error or Ctrl-C the others may never arrive, so no wait there)
         dist.destroy_process_group()
     if exit_code is not None:
         sys.exit(exit_code)
