@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
@@ -231,8 +232,9 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
     reconstruction). FD_clip against other held-out renders, the class recognised, and the total variation distance
     of each attribute the class leaves free: the scale at which a figure jumps is where the samples go astray. And, at
     the first sampled scale, how many tokens per image leave that scale's commonest code (where the image holds
-    something beyond the background) in the samples and in the renders' own maps: a mean that matches with a spread
-    that does not is the mark of tokens sampled independently where the image's tokens go together."""
+    something beyond the background) in the samples and in the renders' own maps, and how often those tokens form two
+    or more separate groups (4-connected): a count that matches with more scattered groups is the mark of tokens
+    sampled independently where the image's tokens go together (one shape, one group)."""
     from pretrain import attribute_distributions, attribute_tv, rendered, to_input
     vae, var = load_backbone(backbone)
     classifier = shapes.load_shape_classifier(backbone)
@@ -246,7 +248,8 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
     lines = [f'{n} held-out renders, class-conditional, cfg {cfg_scale}, top-k {top_k}, top-p {top_p}',
              '| scales given (the rest sampled) | FD_clip | class recognised | ' +
              ' | '.join(f'TV {a}' for a in reference) + ' | the next scale: tokens off its commonest code per image, '
-             'sampled / own (mean ± sd) |', '|---' * (4 + len(reference)) + '|']
+             'sampled / own (mean ± sd) | maps where they form 2+ groups, sampled / own |',
+             '|---' * (5 + len(reference)) + '|']
     for j in range(len(var.patch_nums) + 1):
         sampled = [torch.cat(maps) for maps in zip(*[
             var.generate(vae, var.class_emb(labels[i:i + 250]), cfg=cfg_scale, top_k=min(top_k, var.vocab_size),
@@ -258,13 +261,16 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
         samples = to_uint8(generated)
         tv = attribute_tv(attribute_distributions(samples), reference)
         given = 'none' if j == 0 else f'1..{j} of {len(var.patch_nums)}'
-        off = ''
+        off = groups = ''
         if j < len(var.patch_nums):
+            pn = var.patch_nums[j]
             commonest = own_idx[j].flatten().mode().values
-            counts = [(maps[j] != commonest).sum(1).float() for maps in (sampled, own_idx)]  # (n,) each
-            off = ' / '.join(f'{c.mean():.2f} ± {c.std():.2f}' for c in counts)
+            off_tokens = [maps[j] != commonest for maps in (sampled, own_idx)]  # (n, pn*pn) bool each
+            off = ' / '.join(f'{o.sum(1).float().mean():.2f} ± {o.sum(1).float().std():.2f}' for o in off_tokens)
+            groups = ' / '.join(f'{np.mean([ndimage.label(m.reshape(pn, pn))[1] >= 2 for m in o.numpy()]):.1%}'
+                                for o in off_tokens)
         lines.append(f'| {given} | {fd_clip(features, samples, renders_stats):.2f} | {recognised:.1%} | ' +
-                     ' | '.join(f'{v:.2f}' for v in tv.values()) + f' | {off} |')
+                     ' | '.join(f'{v:.2f}' for v in tv.values()) + f' | {off} | {groups} |')
     return '\n'.join(lines)
 
 

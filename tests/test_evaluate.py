@@ -73,6 +73,8 @@ def test_prefix_probe_samples_less_the_more_scales_it_is_given(tiny_backbone):
     assert [row.split(' | ')[0] for row in tables[0]] == ['| none'] + [f'| 1..{j} of {K}' for j in range(1, K + 1)]
     assert tables[0][-1] == tables[1][-1]  # every scale given: the reconstructions, whatever the seed
     assert tables[0][0] != tables[1][0]  # nothing given: the samples follow the seed
+    own_groups = [row.split(' | ')[-1].split(' / ')[1] for row in tables[0][:-1]]  # the renders' own: seed-free
+    assert own_groups == [row.split(' | ')[-1].split(' / ')[1] for row in tables[1][:-1]]
 
 
 def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, capsys):
