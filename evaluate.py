@@ -251,12 +251,13 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
              'sampled / own (mean ± sd) | maps where they form 2+ groups, sampled / own |',
              '|---' * (5 + len(reference)) + '|']
     for j in range(len(var.patch_nums) + 1):
-        sampled = [torch.cat(maps) for maps in zip(*[
-            var.generate(vae, var.class_emb(labels[i:i + 250]), cfg=cfg_scale, top_k=min(top_k, var.vocab_size),
-                         top_p=top_p, seed=seed + i, given_idx=[m[i:i + 250] for m in own_idx[:j]])
-            for i in range(0, n, 250)])]
-        generated = torch.cat([vae.idx_to_img([m[i:i + 250] for m in sampled]) for i in range(0, n, 250)])
-        generated = generated.add(1).mul(0.5).clamp(0, 1)  # (n, 3, H, W) in [0, 1]
+        chunks, generated = [], []
+        for i in range(0, n, 250):
+            idx = var.generate(vae, var.class_emb(labels[i:i + 250]), cfg=cfg_scale, top_k=min(top_k, var.vocab_size),
+                               top_p=top_p, seed=seed + i, given_idx=[m[i:i + 250] for m in own_idx[:j]])
+            chunks.append(idx)
+            generated.append(vae.idx_to_img(idx).add(1).mul(0.5).clamp(0, 1))  # (B, 3, H, W) in [0, 1]
+        sampled, generated = [torch.cat(maps) for maps in zip(*chunks)], torch.cat(generated)  # K maps (n, pn*pn); images
         recognised = (classifier(generated * 2 - 1).argmax(1) == labels).float().mean().item()
         samples = to_uint8(generated)
         tv = attribute_tv(attribute_distributions(samples), reference)
