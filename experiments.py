@@ -22,6 +22,7 @@ same commands, is not run again, and the report is rewritten after every finishe
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -241,6 +242,7 @@ def get_args(argv=None):
         p.error(f'unknown --runs {unknown} for tables {args.tables}; choose from {", ".join(settings)}')
     if args.warmup_steps is None:
         args.warmup_steps = args.steps // 10
+    args.fingerprint = backbone_fingerprint(args.backbone)
     return args
 
 
@@ -350,6 +352,21 @@ def cpu_name() -> str:
 
 
 RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report reads of a run
+BACKBONE_FILES = ('backbone.json', 'vqvae.pth', 'var.pth', 'clip/open_clip_config.json', 'clip/open_clip_model.safetensors',
+                  'shape_classifier.pth')  # what a run's figures depend on: the CLIP is both the judge and FD_clip's space
+
+
+def backbone_fingerprint(folder: str) -> str:
+    """The first 12 hex digits of a SHA-256 over the backbone's files: a run counts as done, and enters the report,
+    only if it was made with the same backbone (the same commands on a retrained CLIP measure something else)."""
+    digest = hashlib.sha256()
+    for name in BACKBONE_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            digest.update(name.encode())
+            with open(path, 'rb') as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def copy_records(source: str, target: str):
@@ -374,6 +391,7 @@ def is_cached(args, name: str, seed: int) -> bool:
     out = run_dir(args, name, seed)
     record = read_json(os.path.join(out, 'run.json')) or {}
     return [record.get('train_cmd'), record.get('eval_cmd')] == list(commands(args, name, seed)) \
+        and record.get('backbone') == args.fingerprint \
         and record.get('train_rc') == record.get('eval_rc') == 0 and os.path.isfile(os.path.join(out, 'eval.json'))
 
 
@@ -383,12 +401,13 @@ def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
     train_cmd, eval_cmd = commands(args, name, seed)
     record_path = os.path.join(out, 'run.json')
     record = read_json(record_path) or {}
-    same_train = record.get('train_cmd') == train_cmd and record.get('train_rc') == 0
+    same_train = record.get('train_cmd') == train_cmd and record.get('backbone') == args.fingerprint \
+        and record.get('train_rc') == 0
     if is_cached(args, name, seed):
         return 'cached'
     os.makedirs(out, exist_ok=True)
     if not (same_train and os.path.isfile(os.path.join(out, 'ckpt.pt'))):
-        record = {'run': name, 'seed': seed, 'train_cmd': train_cmd}
+        record = {'run': name, 'seed': seed, 'train_cmd': train_cmd, 'backbone': args.fingerprint}
         t0 = time.time()
         with open(os.path.join(out, 'train.log'), 'w') as log:
             proc = subprocess.Popen([sys.executable, *train_cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -455,7 +474,7 @@ def collect(args, name: str, which: str):
     for seed in args.seed_list:
         out = run_dir(args, name, seed)
         results, record = read_json(os.path.join(out, 'eval.json')), read_json(os.path.join(out, 'run.json'))
-        if not results or not record or record.get('eval_rc') != 0:
+        if not results or not record or record.get('eval_rc') != 0 or record.get('backbone') != args.fingerprint:
             continue
         seeds.append(seed)
         row = dict(results[which])
@@ -525,7 +544,7 @@ def verdict(a: dict, b: dict, metric: str):
 def report(args, argv, status: dict, started: float) -> str:
     now = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
     records = [read_json(os.path.join(run_dir(args, n, s), 'run.json')) for n in needed_runs(args) for s in args.seed_list]
-    records = [r for r in records if r]
+    records = [r for r in records if r and r.get('backbone') == args.fingerprint]
     run_seconds = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in records)
     counts = {k: sum(v == k for v in status.values()) for k in ('done', 'cached', 'failed')}
     total = len(needed_runs(args)) * len(args.seed_list)
@@ -548,7 +567,8 @@ def report(args, argv, status: dict, started: float) -> str:
         f'{args.threads} torch thread(s) each, {os.cpu_count()} CPU cores; {platform.platform()}, '
         f'Python {platform.python_version()}).', '',
         '## How to read this', '',
-        f'- Backbone `{args.backbone}`; every run trains {args.steps} steps at batch {args.batch_size} on '
+        f'- Backbone `{args.backbone}` (its files\' SHA-256 begins {args.fingerprint}: only runs made with these files '
+        f'count); every run trains {args.steps} steps at batch {args.batch_size} on '
         f'{args.shapes_n} shapes images (lr {args.lr} for prompts, {args.lr_lora} for LoRA rank {args.lora_rank}, '
         f'{args.lr_full} for full fine-tuning; {args.warmup_steps} warm-up steps, then cosine decay), with MVP\'s '
         f'defaults unless the row says otherwise: frame prompts, tau 20, the first-scale prompt off for '
@@ -625,7 +645,7 @@ def report(args, argv, status: dict, started: float) -> str:
             record, results = read_json(os.path.join(out, 'run.json')) or {}, read_json(os.path.join(out, 'eval.json'))
             state = status.get((name, seed), 'not run')
             fd = acc = '–'
-            if results and record.get('eval_rc') == 0:
+            if results and record.get('eval_rc') == 0 and record.get('backbone') == args.fingerprint:
                 fd = f'{results["before"]["FD_clip"]:.2f} / {results["after"]["FD_clip"]:.2f}'
                 after = results['after']
                 acc = f'{after.get("class_accuracy", after.get("attribute_accuracy")):.3f}'

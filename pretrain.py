@@ -16,6 +16,7 @@ held-out images with the saved files: VQVAE PSNR and the shape kind kept in reco
 recognised as their class and their FD_clip against that of reconstructions; CLIP image-to-caption top-1 among 100.
 """
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 import shapes
 from clip_loss import contrastive_loss
-from pretrained import load_backbone, save_backbone, write_json
+from pretrained import CLIP_VOCAB, load_backbone, save_backbone, write_json
 from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, to_uint8
 from train import warmup_cosine_lr
 from var import VAR
@@ -549,9 +550,40 @@ def quarter_as_coarse_decodes(vae, x: torch.Tensor, rng: np.random.Generator) ->
     return torch.cat((decoded.float().clamp(-1, 1), x[quarter:]))
 
 
+def world_merges(tokenizer) -> list:
+    """open_clip's BPE merges, in its order, that can apply inside a word of the shapes world's texts: every merge
+    whose two halves joined are a piece of such a word. BPE takes the lowest-ranked applicable merge at each step, so
+    with these alone it tokenises those words exactly as with all 48,894."""
+    pieces = [''.join(tokenizer.byte_encoder[b] for b in w.encode()) + '</w>' for w in shapes.world_words()]
+    ranked = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    return [m for m in ranked if any(''.join(m) in piece for piece in pieces)]
+
+
+def save_clip(model, tokenizer, folder: str):
+    """The CLIP in open_clip's local-dir layout (fp16), with a vocabulary of the world's own words. The full one has a
+    row of token embedding for each of open_clip's 49,408 tokens, three quarters of the file, of which the world's
+    texts use 43; the rest were never trained. This keeps the byte-level tokens, the merges the world's words need
+    (world_merges) and the two special tokens, writes those merges as open_clip's own vocabulary file
+    (bpe_simple_vocab.txt.gz, which pretrained.load_clip hands to open_clip's tokenizer) and the embedding rows of
+    those tokens: on any of the world's texts the model computes exactly what it did."""
+    from safetensors.torch import save_file
+    merges = world_merges(tokenizer)
+    byte_tokens = list(tokenizer.byte_encoder.values())
+    vocab = byte_tokens + [t + '</w>' for t in byte_tokens] + [''.join(m) for m in merges] + \
+        ['<start_of_text>', '<end_of_text>']  # open_clip's SimpleTokenizer order
+    state = model.state_dict()
+    state['token_embedding.weight'] = state['token_embedding.weight'][[tokenizer.encoder[t] for t in vocab]]
+    cfg = {**CLIP_CFG, 'text_cfg': {**CLIP_CFG['text_cfg'], 'vocab_size': len(vocab)}}
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, CLIP_VOCAB), 'wt', encoding='utf-8') as f:
+        f.write('\n'.join(['#version: 0.2'] + [' '.join(m) for m in merges]))  # no trailing newline: no empty merge
+    with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
+        json.dump({'model_cfg': cfg, 'preprocess_cfg': {'mean': [0.5] * 3, 'std': [0.5] * 3}}, f, indent=1)
+    save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(folder, 'open_clip_model.safetensors'))
+
+
 def train_clip(args):
     import open_clip
-    from safetensors.torch import save_file
     torch.manual_seed(args.seed)
     device = args.device
     vae = load_backbone(args.out, device=device)[0].requires_grad_(False)
@@ -583,13 +615,7 @@ def train_clip(args):
         if step % args.log_every == 0 or step == steps - 1:
             log('clip', step, steps, resume.start, loss=loss.item(), scale=model.logit_scale.exp().item())
         resume.maybe_save(step + 1, steps, model, opt, rng)
-    model.cpu().eval()
-    folder = os.path.join(args.out, 'clip')
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
-        json.dump({'model_cfg': CLIP_CFG, 'preprocess_cfg': {'mean': [0.5] * 3, 'std': [0.5] * 3}}, f, indent=1)
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, 'open_clip_model.safetensors'))
+    save_clip(model.cpu().eval(), tokenizer, os.path.join(args.out, 'clip'))
     resume.finish()
     write_report(args.out, 'clip', {**evaluate_clip(args), 'steps': steps, 'seconds': resume.seconds()})
 

@@ -228,11 +228,15 @@ def check_clip_weights_reachable(model_name: str, pretrained: str):
                           f'checkpoint file or folder as the CLIP pretrained path')
 
 
+CLIP_VOCAB = 'bpe_simple_vocab.txt.gz'  # a CLIP folder's own BPE merges, in open_clip's format (the shapes world's CLIP)
+
+
 def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEFAULT_CLIP[1], device='cpu'):
     """A frozen open_clip model in eval mode and its tokenizer.
 
     model_name: an open_clip model name, or a folder in open_clip's local-dir layout
-    (open_clip_config.json + open_clip_model.safetensors).
+    (open_clip_config.json + open_clip_model.safetensors; + bpe_simple_vocab.txt.gz, open_clip's vocabulary file,
+    where the folder's CLIP has a vocabulary of its own, as the shapes world's does).
     pretrained: an open_clip tag ('openai', 'laion2b_s34b_b88k', ...), a checkpoint file for model_name,
     a local-dir folder (then model_name is ignored), or None / 'none' (random weights).
     """
@@ -253,7 +257,8 @@ def load_clip(model_name: str = DEFAULT_CLIP[0], pretrained: Optional[str] = DEF
             # OpenAI's weights were trained with QuickGELU, which the plain configs (ViT-B-16, ...) lack
             quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get('quick_gelu'))
     model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
-    tokenizer = open_clip.get_tokenizer(name)
+    vocab = os.path.join(folder, CLIP_VOCAB) if folder else ''
+    tokenizer = open_clip.get_tokenizer(name, **({'bpe_path': vocab} if os.path.isfile(vocab) else {}))
     model.eval().requires_grad_(False)
     return model, tokenizer
 

@@ -210,6 +210,15 @@ _SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "medium": "
                "large": "large", "big": "large", "huge": "large"}
 
 
+def world_words():
+    """Every word the world's texts use (labels, sentences, captions) and the synonyms parse_caption reads: the
+    words the tiny CLIP's vocabulary must tokenise exactly as open_clip's full one does (pretrain.py)."""
+    texts = [sentence(label) for label in range(NUM_CLASSES)] + list(POSITION_PHRASES.values()) + \
+        [f"on a {b} background" for b in BACKGROUNDS] + [" ".join(v) for v in (SIZES, COLOURS)] + \
+        [" ".join(v) for v in (_SHAPE_WORDS, _COLOUR_WORDS, _BACKGROUND_WORDS, _SIZE_WORDS)]
+    return sorted({w for t in texts for w in t.split()})
+
+
 def parse_caption(text):
     """Free text -> dict with whichever of ATTRIBUTES it mentions (others absent)."""
     text = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "

@@ -86,6 +86,25 @@ def test_written_models_load_strictly_and_run(pretrained_folder):
     assert model.encode_text(tokenizer(['a photo of a star'])).shape[-1] == pretrain.CLIP_CFG['embed_dim']
 
 
+def test_the_saved_clip_keeps_only_the_worlds_vocabulary_and_computes_what_the_full_one_did(tmp_path):
+    import open_clip
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**pretrain.CLIP_CFG).eval().half().float()  # its weights as saved (fp16)
+    full = open_clip.tokenizer.SimpleTokenizer(context_length=pretrain.CLIP_CFG['text_cfg']['context_length'])
+    pretrain.save_clip(model, full, str(tmp_path / 'clip'))
+    saved, tokenizer = load_clip(str(tmp_path / 'clip'))
+    assert os.path.isfile(tmp_path / 'clip' / 'bpe_simple_vocab.txt.gz')
+    assert tokenizer.vocab_size == saved.token_embedding.num_embeddings < 2000  # of 49,408
+    items = shapes.make_split('test', 300, seed=3)
+    texts = [shapes.caption(a) for a in items] + [shapes.sentence(c) for c in range(shapes.NUM_CLASSES)] + \
+        ['a big rhombus on a navy background', 'a turquoise donut', '']  # parse_caption's synonyms; the padding text
+    assert [full.decode(full.encode(t)) for t in texts] == [tokenizer.decode(tokenizer.encode(t)) for t in texts]
+    assert tokenizer(texts).argmax(-1).tolist() == full(texts).argmax(-1).tolist()  # the end-of-text token: the pooled one
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(full(texts)), saved.encode_text(tokenizer(texts)))
+    assert tokenizer.decode(tokenizer.encode('zebra')).strip() == 'zebra'  # other words: bytes and the pieces kept
+
+
 class Killed(Exception):
     pass
 
