@@ -83,6 +83,14 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
         record = json.load(f)
     assert experiments.commands(experiments.get_args(argv), 'mvp', 0)[0] == record['train_cmd']
     assert experiments.commands(experiments.get_args([*argv, '--steps', '3']), 'mvp', 0)[0] != record['train_cmd']
+    # ... and with the same backbone files: a run made with another CLIP (say) counts as not done, and stays out of
+    # the report's figures
+    args = experiments.get_args(argv)
+    assert record['backbone'] == args.fingerprint == experiments.backbone_fingerprint(tiny_backbone)
+    assert experiments.is_cached(args, 'mvp', 0) and experiments.collect(args, 'mvp', 'after')[1] == [0]
+    experiments.write_json(os.path.join(out, 'mvp', 'seed0', 'run.json'), {**record, 'backbone': 'another'})
+    assert not experiments.is_cached(args, 'mvp', 0) and experiments.collect(args, 'mvp', 'after')[1] == []
+    experiments.write_json(os.path.join(out, 'mvp', 'seed0', 'run.json'), record)
 
     # --records keeps each finished run's small records, from which a new machine (no run folders) resumes
     records = str(tmp_path / 'records')
