@@ -450,10 +450,11 @@ def write_json(path: str, obj):
 
 
 def evaluated(args, name: str, seed: int) -> bool:
-    """For the estimate: the run has an evaluation in --out or in --records (whether by the same commands, run_one
-    decides)."""
+    """For the estimate: the run has an evaluation of this backbone in --out or in --records (whether by the same
+    commands, run_one decides)."""
     folders = [run_dir(args, name, seed)] + ([records_dir(args, name, seed)] if args.records else [])
-    return any(os.path.isfile(os.path.join(folder, 'eval.json')) for folder in folders)
+    return any(os.path.isfile(os.path.join(folder, 'eval.json')) and
+               (read_json(os.path.join(folder, 'run.json')) or {}).get('backbone') == args.fingerprint for folder in folders)
 
 
 def estimate_seconds(args, name: str, autocast: str) -> float:
