@@ -267,7 +267,8 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
             pn = var.patch_nums[j]
             commonest = own_idx[j].flatten().mode().values
             off_tokens = [maps[j] != commonest for maps in (sampled, own_idx)]  # (n, pn*pn) bool each
-            off = ' / '.join(f'{o.sum(1).float().mean():.2f} ± {o.sum(1).float().std():.2f}' for o in off_tokens)
+            counts = [o.sum(1).float() for o in off_tokens]  # (n,) each
+            off = ' / '.join(f'{c.mean():.2f} ± {c.std():.2f}' for c in counts)
             groups = ' / '.join(f'{np.mean([ndimage.label(m.reshape(pn, pn))[1] >= 2 for m in o.numpy()]):.1%}'
                                 for o in off_tokens)
         lines.append(f'| {given} | {fd_clip(features, samples, renders_stats):.2f} | {recognised:.1%} | ' +

@@ -369,6 +369,13 @@ def backbone_fingerprint(folder: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def read_record(args, folder: str) -> dict:
+    """A run's run.json, or {} where there is none or where other backbone files made it: its figures are not this
+    grid's, so it counts as not run."""
+    record = read_json(os.path.join(folder, 'run.json')) or {}
+    return record if record.get('backbone') == args.fingerprint else {}
+
+
 def copy_records(source: str, target: str):
     """A run's records from one run folder to another, when source has them all."""
     if all(os.path.isfile(os.path.join(source, f)) for f in RECORD_FILES):
@@ -389,9 +396,8 @@ def restore_records(args, grid):
 def is_cached(args, name: str, seed: int) -> bool:
     """The run is trained and evaluated in --out by exactly the commands this grid would run."""
     out = run_dir(args, name, seed)
-    record = read_json(os.path.join(out, 'run.json')) or {}
+    record = read_record(args, out)
     return [record.get('train_cmd'), record.get('eval_cmd')] == list(commands(args, name, seed)) \
-        and record.get('backbone') == args.fingerprint \
         and record.get('train_rc') == record.get('eval_rc') == 0 and os.path.isfile(os.path.join(out, 'eval.json'))
 
 
@@ -400,9 +406,8 @@ def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
     out = run_dir(args, name, seed)
     train_cmd, eval_cmd = commands(args, name, seed)
     record_path = os.path.join(out, 'run.json')
-    record = read_json(record_path) or {}
-    same_train = record.get('train_cmd') == train_cmd and record.get('backbone') == args.fingerprint \
-        and record.get('train_rc') == 0
+    record = read_record(args, out)
+    same_train = record.get('train_cmd') == train_cmd and record.get('train_rc') == 0
     if is_cached(args, name, seed):
         return 'cached'
     os.makedirs(out, exist_ok=True)
@@ -453,8 +458,7 @@ def evaluated(args, name: str, seed: int) -> bool:
     """For the estimate: the run has an evaluation of this backbone in --out or in --records (whether by the same
     commands, run_one decides)."""
     folders = [run_dir(args, name, seed)] + ([records_dir(args, name, seed)] if args.records else [])
-    return any(os.path.isfile(os.path.join(folder, 'eval.json')) and
-               (read_json(os.path.join(folder, 'run.json')) or {}).get('backbone') == args.fingerprint for folder in folders)
+    return any(os.path.isfile(os.path.join(folder, 'eval.json')) and read_record(args, folder) for folder in folders)
 
 
 def estimate_seconds(args, name: str, autocast: str) -> float:
@@ -474,8 +478,8 @@ def collect(args, name: str, which: str):
     values, seeds = {}, []
     for seed in args.seed_list:
         out = run_dir(args, name, seed)
-        results, record = read_json(os.path.join(out, 'eval.json')), read_json(os.path.join(out, 'run.json'))
-        if not results or not record or record.get('eval_rc') != 0 or record.get('backbone') != args.fingerprint:
+        results, record = read_json(os.path.join(out, 'eval.json')), read_record(args, out)
+        if not results or not record or record.get('eval_rc') != 0:
             continue
         seeds.append(seed)
         row = dict(results[which])
@@ -544,8 +548,8 @@ def verdict(a: dict, b: dict, metric: str):
 
 def report(args, argv, status: dict, started: float) -> str:
     now = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
-    records = [read_json(os.path.join(run_dir(args, n, s), 'run.json')) for n in needed_runs(args) for s in args.seed_list]
-    records = [r for r in records if r and r.get('backbone') == args.fingerprint]
+    records = [read_record(args, run_dir(args, n, s)) for n in needed_runs(args) for s in args.seed_list]
+    records = [r for r in records if r]
     run_seconds = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in records)
     counts = {k: sum(v == k for v in status.values()) for k in ('done', 'cached', 'failed')}
     total = len(needed_runs(args)) * len(args.seed_list)
@@ -643,10 +647,10 @@ def report(args, argv, status: dict, started: float) -> str:
     for name in needed_runs(args):
         for seed in args.seed_list:
             out = run_dir(args, name, seed)
-            record, results = read_json(os.path.join(out, 'run.json')) or {}, read_json(os.path.join(out, 'eval.json'))
+            record, results = read_record(args, out), read_json(os.path.join(out, 'eval.json'))
             state = status.get((name, seed), 'not run')
             fd = acc = '–'
-            if results and record.get('eval_rc') == 0 and record.get('backbone') == args.fingerprint:
+            if results and record.get('eval_rc') == 0:
                 fd = f'{results["before"]["FD_clip"]:.2f} / {results["after"]["FD_clip"]:.2f}'
                 after = results['after']
                 acc = f'{after.get("class_accuracy", after.get("attribute_accuracy")):.3f}'
