@@ -491,8 +491,8 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
             ce.backward()
             return t_encoded
         # first_scale_fixed: MVP's class-to-image default (first-scale prompt off), as train.py decides it
-        loss, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, True, autocast, forward_var)
-        optimizer_step(loss, optimizer, scaler, trainable, 1.0)
+        terms, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, True, autocast, forward_var)
+        optimizer_step(terms, optimizer, scaler, trainable, 1.0)
         return t_encoded
 
     batch = synthetic_batch(vae, var, args.batch, args.seed, device)

@@ -37,13 +37,21 @@ def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> f
     return frechet_distance(*feature_statistics(features.images(generated)), *reference_stats)
 
 
-def fd_clip_with_se(features: ClipFeatures, generated: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):
-    """FD_clip and its standard error over the generated samples (the std of FD over bootstrap resamples)."""
-    feats = features.images(generated)
+def fd_with_se(feats: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):
+    """The Fréchet distance of features (N, D) to the reference statistics, and its standard error over the generated
+    samples (the std of FD over bootstrap resamples)."""
     fd_of = lambda f: frechet_distance(*feature_statistics(f), *reference_stats)
     rng = np.random.default_rng(seed)
     boot = [fd_of(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(n_boot)]
     return fd_of(feats), float(np.std(boot))
+
+
+@torch.no_grad()
+def classifier_features(classifier, images_uint8: np.ndarray) -> np.ndarray:
+    """The shape classifier's pooled features (N, 128) of uint8 images: the space of FD_cls, a judge no loss trains
+    against (the miniature's Inception), where FD_clip is the training CLIP's own."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return torch.cat([classifier.pooled(x[i:i + 250]) for i in range(0, len(x), 250)]).double().numpy()
 
 
 def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)
@@ -79,6 +87,7 @@ def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int =
     reference_items = shapes.make_split('test', n_reference, seed) if config['data'] == 'shapes' else None
     reference = held_out_images(config['data'], reference_items, vae.image_size, n_reference, seed)
     reference_stats = feature_statistics(features.images(reference))
+    reference_cls = feature_statistics(classifier_features(classifier, reference))
     results = {}
     if not config['t2i']:
         labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
@@ -89,9 +98,12 @@ def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int =
             images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
                                                 seed=seed + i, dtype=dtype) for i in range(0, len(labels), 100)])
             recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().cpu().numpy()
-            fd, fd_se = fd_clip_with_se(features, to_uint8(images), reference_stats, seed=seed)
+            arrays = to_uint8(images)
+            fd, fd_se = fd_with_se(features.images(arrays), reference_stats, seed=seed)
+            fd_cls, fd_cls_se = fd_with_se(classifier_features(classifier, arrays), reference_cls, seed=seed)
             accuracy, accuracy_se = mean_with_se(recognised)
-            results[name] = {'FD_clip': fd, 'FD_clip_se': fd_se, 'class_accuracy': accuracy, 'class_accuracy_se': accuracy_se}
+            results[name] = {'FD_cls': fd_cls, 'FD_cls_se': fd_cls_se, 'class_accuracy': accuracy,
+                             'class_accuracy_se': accuracy_se, 'FD_clip': fd, 'FD_clip_se': fd_se}
         return results
     items = reference_items[:n_texts]
     captions = [shapes.caption(a) for a in items]
@@ -104,8 +116,9 @@ def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int =
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i, dtype=dtype) for i in range(0, len(captions), 50)])
         arrays = to_uint8(images)
-        fd, fd_se = fd_clip_with_se(features, arrays, reference_stats, seed=seed)
-        row = {'FD_clip': fd, 'FD_clip_se': fd_se}
+        fd, fd_se = fd_with_se(features.images(arrays), reference_stats, seed=seed)
+        fd_cls, fd_cls_se = fd_with_se(classifier_features(classifier, arrays), reference_cls, seed=seed)
+        row = {'FD_cls': fd_cls, 'FD_cls_se': fd_cls_se, 'FD_clip': fd, 'FD_clip_se': fd_se}
         matches = [shapes.attribute_matches(im, a, shape_classifier=classifier.predict) for im, a in zip(arrays, items)]
         correct = np.array([[m[key] for key in shapes.ATTRIBUTES] for m in matches], dtype=np.float64)  # (N, 5)
         row['attribute_accuracy'], row['attribute_accuracy_se'] = mean_with_se(correct.mean(axis=1))

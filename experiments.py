@@ -65,6 +65,19 @@ RUNS = {
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
     't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
     't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
+    # the balance of CE and the semantic loss (docs/balance.md): smaller lambdas, and the other ways to combine them
+    'bal_l0.001': ['--lambda_sen', '0.001', '--lambda_cap', '0.001'],
+    'bal_l0.01': ['--lambda_sen', '0.01', '--lambda_cap', '0.01'],
+    'bal_l0.1': ['--lambda_sen', '0.1', '--lambda_cap', '0.1'],
+    'bal_norm0.1': ['--balance', 'normalize', '--semantic_ratio', '0.1'],
+    'bal_norm1': ['--balance', 'normalize', '--semantic_ratio', '1'],
+    'bal_clip_each': ['--balance', 'clip_each'],
+    't2i_bal_l0.001': ['--t2i', '--lambda_sen', '0.001', '--lambda_cap', '0.001'],
+    't2i_bal_l0.01': ['--t2i', '--lambda_sen', '0.01', '--lambda_cap', '0.01'],
+    't2i_bal_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1'],
+    't2i_bal_norm0.1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '0.1'],
+    't2i_bal_norm1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '1'],
+    't2i_bal_clip_each': ['--t2i', '--balance', 'clip_each'],
     # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
     'x_mvp': ['--data', '{domain}'],
     'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
@@ -74,6 +87,7 @@ DOMAIN_STYLE = 'upside_down'  # shapes.py's second domain
 
 # metric -> (column header, better: 'lower' or 'higher', format)
 METRICS = {
+    'FD_cls': ('FD_cls ↓', 'lower', '{:.2f}'),
     'FD_clip': ('FD_clip ↓', 'lower', '{:.2f}'),
     'class_accuracy': ('class acc ↑', 'higher', '{:.3f}'),
     'clip_score': ('CLIP-score ↑', 'higher', '{:.2f}'),
@@ -169,7 +183,24 @@ SECTIONS = [
                  for m in ('FD_clip', 'clip_score', 'attribute_accuracy')]
                 + [('CE + sentence + caption (MVP)', 'CE + sentence', 'attribute_accuracy')]),
 ]
-TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem')
+BALANCE_ROWS = [('CE only', 'sem_none'), ('lambda 0.001', 'bal_l0.001'), ('lambda 0.01', 'bal_l0.01'),
+                ('lambda 0.1', 'bal_l0.1'), ('lambda 1 (Eq. 9 as written)', 'mvp'),
+                ('normalize, each level 0.1 x CE', 'bal_norm0.1'), ('normalize, each level 1 x CE', 'bal_norm1'),
+                ('clip each loss at 1.0', 'bal_clip_each')]
+BALANCE_PAPER = ('No lambdas given; Eq. 9 adds the semantic loss to CE. Here every semantic setting is judged against '
+                 'CE alone on what no loss trains against: FD_cls (the shape classifier\'s features), the class or the '
+                 'attributes read; FD_clip (the training CLIP\'s space) is shown, never used to choose.')
+SECTIONS += [
+    dict(table='bal', title='The balance of CE and the semantic loss, class-to-image', paper=BALANCE_PAPER,
+         metrics=('FD_cls', 'class_accuracy', 'FD_clip', 'train_s'),
+         rows=[(label, run, 'after') for label, run in BALANCE_ROWS],
+         claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'class_accuracy')]),
+    dict(table='bal', title='The balance of CE and the semantic loss, text-to-image', paper=BALANCE_PAPER,
+         metrics=('FD_cls', 'attribute_accuracy', 'shape_accuracy', 'FD_clip', 'clip_score', 'train_s'),
+         rows=[(label, 't2i_' + run, 'after') for label, run in BALANCE_ROWS],
+         claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'attribute_accuracy')]),
+]
+TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal')
 
 # for the time estimate: measured by the version 2 grid on this project's 2-core CPU machines, two runs at a time at
 # one torch thread each: seconds per step at batch 16 (the training loop's own time over 300 steps), and per evaluated
@@ -393,12 +424,17 @@ def restore_records(args, grid):
             copy_records(records_dir(args, name, seed), out)
 
 
+def has_judge(folder: str) -> bool:
+    """The run's eval.json has the independent judge's FD_cls (evaluations made before evaluate.py wrote it do not)."""
+    return 'FD_cls' in ((read_json(os.path.join(folder, 'eval.json')) or {}).get('after') or {})
+
+
 def is_cached(args, name: str, seed: int) -> bool:
-    """The run is trained and evaluated in --out by exactly the commands this grid would run."""
+    """The run is trained and evaluated in --out by exactly the commands this grid would run, with today's figures."""
     out = run_dir(args, name, seed)
     record = read_record(args, out)
     return [record.get('train_cmd'), record.get('eval_cmd')] == list(commands(args, name, seed)) \
-        and record.get('train_rc') == record.get('eval_rc') == 0 and os.path.isfile(os.path.join(out, 'eval.json'))
+        and record.get('train_rc') == record.get('eval_rc') == 0 and has_judge(out)
 
 
 def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
@@ -458,7 +494,7 @@ def evaluated(args, name: str, seed: int) -> bool:
     """For the estimate: the run has an evaluation of this backbone in --out or in --records (whether by the same
     commands, run_one decides)."""
     folders = [run_dir(args, name, seed)] + ([records_dir(args, name, seed)] if args.records else [])
-    return any(os.path.isfile(os.path.join(folder, 'eval.json')) and read_record(args, folder) for folder in folders)
+    return any(has_judge(folder) and read_record(args, folder) for folder in folders)
 
 
 def estimate_seconds(args, name: str, autocast: str) -> float:

@@ -344,7 +344,9 @@ def teacher_forcing(vae, images_B3HW: torch.Tensor):
 
 def mvp_loss(var, model, semantic: Optional[SemanticLoss], idx, x_BLCv, labels, texts, cond_drop: float,
              first_scale_fixed: bool, autocast, forward_var=None):
-    """Steps 2-3: the prompted VAR's teacher-forced logits and L = CE + L_semantic (Eq. 9) -> (L, {'ce', 'sen', 'cap'}).
+    """Steps 2-3: the prompted VAR's teacher-forced logits and the terms of L = CE + L_semantic (Eq. 9) ->
+    (terms, losses): terms {'ce', and 'sen' = lambda_sen * L_sen, 'cap' = lambda_cap * L_cap for the levels that are
+    on}, whose sum is L; losses {'ce', 'sen', 'cap'} unweighted, for the log.
 
     model: the TunedParts (or DDP around them); texts: (sentences, captions, caption features for text-to-image or
     None); first_scale_fixed: nothing trainable acts on the first scale, whose map then enters I_sen and I_cap as the
@@ -355,20 +357,79 @@ def mvp_loss(var, model, semantic: Optional[SemanticLoss], idx, x_BLCv, labels, 
         cond = conditions(var, text_cond, labels, drop=True, cond_drop=cond_drop)
         logits = (forward_var or var)(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
         ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
-        losses = {'ce': ce}
+        terms, losses = {'ce': ce}, {'ce': ce}
         if semantic is None:
-            return ce, losses
+            return terms, losses
         sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
         losses.update(sen=sem['sen'], cap=sem['cap'])
-        return ce + sem['semantic'], losses  # Eq. 9
+        for level, weight in (('sen', semantic.lambda_sen), ('cap', semantic.lambda_cap)):
+            if weight > 0:
+                terms[level] = weight * sem[level]  # Eq. 8
+        return terms, losses
 
 
-def optimizer_step(loss, optimizer, scaler, params, grad_clip: float) -> torch.Tensor:
-    """Backward (through the grad scaler for fp16), clip, step; returns the gradient norm before clipping."""
+# How the terms' gradients make one update (--balance): 'sum' is Eq. 9 as written, one clip on the total; 'clip_each'
+# clips each term's gradient on its own; 'normalize' rescales each semantic level's gradient to `ratio` times CE's norm,
+# so the CLIP losses steer the direction without drowning CE (their raw gradients are 10-150x CE's: docs/balance.md).
+BALANCES = ('sum', 'clip_each', 'normalize')
+
+
+def norm_of(grads) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def term_gradients(terms: dict, params, scale: float = 1.0, keep_graph: bool = False):
+    """{term: its gradient at params (a list like params)}, each term alone, through one shared graph (kept after the
+    last with keep_graph, for a backward of the sum). scale: the grad scaler's factor (fp16), divided out again."""
+    grads, names = {}, list(terms)
+    for i, name in enumerate(names):
+        keep = keep_graph or i < len(names) - 1
+        found = torch.autograd.grad(terms[name] * scale, params, retain_graph=keep, allow_unused=True)
+        grads[name] = [torch.zeros_like(p) if g is None else g / scale for p, g in zip(params, found)]
+    return grads
+
+
+def combine(grads: dict, balance: str, grad_clip: float, ratio: float):
+    """One update direction from the terms' gradients (BALANCES) -> (gradient list, whether a clip bound)."""
+    norms = {name: norm_of(g) for name, g in grads.items()}
+    if balance == 'clip_each':
+        factors = {name: torch.clamp(grad_clip / (n + 1e-6), max=1.0) for name, n in norms.items()}
+        bound = any(bool(n > grad_clip) for n in norms.values())
+    elif balance == 'normalize':
+        factors = {name: (1.0 if name == 'ce' else ratio * norms['ce'] / (n + 1e-12)) for name, n in norms.items()}
+        bound = False
+    else:
+        factors, bound = {name: 1.0 for name in grads}, False
+    total = [sum(factors[name] * grads[name][i] for name in grads) for i in range(len(next(iter(grads.values()))))]
+    return total, bound
+
+
+def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, balance: str = 'sum', ratio: float = 0.1,
+                   record: bool = False, reduce=None):
+    """Backward (through the grad scaler for fp16), balance, clip, step -> (gradient norm before the clip, record).
+    record: {'grad_<term>': each term's gradient norm at the trainable parameters, 'clipped': whether a clip bound},
+    taken from each term's own backward (the logged steps only, in the 'sum' balance: it costs a backward per term).
+    reduce: averages a gradient list over DDP's processes, where the gradients were taken term by term."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    per_term = balance != 'sum' or record
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    grads = term_gradients(terms, params, scale, keep_graph=balance == 'sum') if per_term else None
+    if grads is not None and reduce is not None and balance != 'sum':
+        grads = {name: reduce(g) for name, g in grads.items()}
+    if balance == 'sum':
+        scaler.scale(sum(terms.values())).backward()  # Eq. 9
+        bound = False
+    else:
+        total, bound = combine(grads, balance, grad_clip, ratio)
+        for p, g in zip(params, total):
+            p.grad = (g * scale).to(p.dtype)  # scaled again: unscale_ below checks it for inf / NaN as it does a backward's
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    clip_at = float('inf') if balance == 'clip_each' else grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_at)
     scaler.step(optimizer)
     scaler.update()
-    return grad_norm
+    if not record:
+        return grad_norm, {}
+    row = {f'grad_{name}': norm_of(g).item() for name, g in grads.items()}
+    row['clipped'] = bound or (balance != 'clip_each' and grad_norm.item() > grad_clip)
+    return grad_norm, row

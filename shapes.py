@@ -410,10 +410,13 @@ class ShapeClassifier(torch.nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, NUM_CLASSES)
 
-    def forward(self, img_B3HW):  # (B, 3, H, W) in [-1, 1] -> logits (B, NUM_CLASSES)
+    def pooled(self, img_B3HW):  # (B, 3, H, W) in [-1, 1] -> the features the head reads (B, 128)
         if img_B3HW.shape[-1] != 64:
             img_B3HW = torch.nn.functional.interpolate(img_B3HW, size=(64, 64), mode="bilinear", align_corners=False)
-        return self.head(self.features(img_B3HW).mean(dim=(2, 3)))
+        return self.features(img_B3HW).mean(dim=(2, 3))
+
+    def forward(self, img_B3HW):  # (B, 3, H, W) in [-1, 1] -> logits (B, NUM_CLASSES)
+        return self.head(self.pooled(img_B3HW))
 
     @torch.no_grad()
     def predict(self, image):

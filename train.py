@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from clip_loss import SemanticLoss
 from frame_prompt import PLACEMENTS, FramePrompt
-from model import (CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
+from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
                    init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, parse_device, save_grid,
                    save_prompt, teacher_forcing, write_config)
 from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable
@@ -72,6 +72,12 @@ def get_args(argv=None):
     g.add_argument('--lambda_cap', type=float, default=1.0, help='weight of the caption loss (0: off)')
     g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
     g.add_argument('--gumbel', action='store_true', help='straight-through Gumbel-softmax tokens instead of soft ones')
+    g.add_argument('--balance', default='sum', choices=BALANCES,
+                   help='how the losses\' gradients make an update: sum (Eq. 9, one clip on the total), clip_each (each '
+                        'loss\'s gradient clipped to --grad_clip on its own) or normalize (each CLIP level\'s gradient '
+                        'rescaled to --semantic_ratio x cross-entropy\'s norm)')
+    g.add_argument('--semantic_ratio', type=float, default=0.1, help='--balance normalize: each CLIP level\'s gradient '
+                   'norm as a fraction of cross-entropy\'s')
     g.add_argument('--semantic_chunk', type=int, default=None,
                    help='decode and embed I_sen / I_cap this many images at a time, recomputed in the backward (the '
                         'same loss and gradient, the memory of N images instead of 2 x batch, one more decoder + CLIP '
@@ -126,7 +132,7 @@ def check_args(args):
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:  # None: a default decided later
             raise ValueError(f'--{name} must be at least {low}, got {getattr(args, name)}')
-    for name in ('soft_temperature', 'grad_clip'):
+    for name in ('soft_temperature', 'grad_clip', 'semantic_ratio'):
         if not getattr(args, name) > 0:
             raise ValueError(f'--{name} must be positive, got {getattr(args, name)}')
     for name in ('cond_drop', 'min_lr_ratio'):
@@ -268,6 +274,14 @@ def setup_process(args) -> Process:
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     return Process(ddp, rank, world, device)
+
+
+def reduce_mean(grads: list) -> list:
+    """DDP: a gradient list averaged over the processes (what DDP's own backward does for a plain backward)."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def end_process(proc: Process, exit_code: Optional[int] = None):
@@ -415,9 +429,11 @@ def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Proces
     end_process(proc, 1 if not finite else 130)
 
 
-def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, lr: float, t0: float, bar):
+def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, record: dict, lr: float, t0: float, bar):
+    """A row of log.jsonl: the losses, the gradient norm before the clip, each loss's own gradient norm (grad_ce,
+    grad_sen, grad_cap: of the weighted terms, lambda included) and whether the clip bound."""
     row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()}, 'grad_norm': grad_norm.item(),
-           'lr': lr, 'time': round(time.time() - t0, 2)}
+           **record, 'lr': lr, 'time': round(time.time() - t0, 2)}
     with open(log_path, 'a') as f:
         f.write(json.dumps(row) + '\n')
     bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
@@ -447,6 +463,7 @@ def main(argv=None):
     step = restore(ckpt, resume_path, parts, optimizer, scaler, proc, args) if ckpt is not None else 0
     model = torch.nn.parallel.DistributedDataParallel(
         parts, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None) if proc.ddp else parts
+    no_sync = model.no_sync if proc.ddp and args.balance != 'sum' else nullcontext
     run_config, log_path = start_run(args, parts, var, dataset, proc, dtype, step)
     save = lambda path, at_step: save_checkpoint(path, at_step, run_config, parts, optimizer, scaler, proc)
     lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
@@ -463,19 +480,24 @@ def main(argv=None):
                 images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
                 idx, x_BLCv = teacher_forcing(vae, images)
                 text_feats = clip.encode_text(captions) if args.t2i else None
-                loss, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
-                                        args.cond_drop, first_scale_fixed, autocast, forward_var)
+                with no_sync():  # term-by-term gradients are averaged over the processes by hand (reduce_mean)
+                    terms, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
+                                             args.cond_drop, first_scale_fixed, autocast, forward_var)
+                loss = sum(terms.values())  # Eq. 9
                 watch_loss(watch_2, loss, step)
                 if proc.ddp or interrupted or any((step + 1) % every == 0 for every in check_every) \
                         or step + 1 == args.max_steps:  # else no host-GPU sync here
                     check_stop(watch_2, interrupted, step, args.out_dir, proc, save, bar)
                 for group in optimizer.param_groups:
                     group['lr'] = lr_at(step)
-                grad_norm = optimizer_step(loss, optimizer, scaler, trainable, args.grad_clip)
+                logged = (step + 1) % args.log_every == 0 or step + 1 == args.max_steps
+                grad_norm, record = optimizer_step(terms, optimizer, scaler, trainable, args.grad_clip, args.balance,
+                                                   args.semantic_ratio, record=logged and proc.master,
+                                                   reduce=reduce_mean if proc.ddp else None)
                 step += 1
                 bar.update(1)
-                if proc.master and (step % args.log_every == 0 or step == args.max_steps):
-                    log_step(log_path, step, loss, losses, grad_norm, lr_at(step - 1), t0, bar)
+                if proc.master and logged:
+                    log_step(log_path, step, loss, losses, grad_norm, record, lr_at(step - 1), t0, bar)
                 if proc.master and args.sample_every and step % args.sample_every == 0:
                     grid = generate_images(vae, var, parts, clip, seed=args.seed, **sample_conditions)
                     save_grid(grid, os.path.join(args.out_dir, 'samples', f'step_{step:06d}.png'))

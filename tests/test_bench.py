@@ -151,7 +151,7 @@ def test_semantic_breakdown_is_the_steps_gradient():
         else:
             images, labels, texts = batch
             idx, x = teacher_forcing(vae, images)
-            mvp_loss(var, parts, semantic, idx, x, labels, texts, 0.1, True, contextlib.nullcontext())[0].backward()
+            sum(mvp_loss(var, parts, semantic, idx, x, labels, texts, 0.1, True, contextlib.nullcontext())[0].values()).backward()
         grads.append(parts.prompt.tokens.grad.clone())
     assert len(stages) == 7 and all(t >= 0 for t in stages.values())
     assert grads[0].abs().sum() > 0
