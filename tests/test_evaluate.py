@@ -1,6 +1,8 @@
 """evaluate.py on a tiny random backbone: the figures exist, are finite, and 'before' is the untrained model."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -16,8 +18,9 @@ def test_class_to_image_before_equals_after_for_untrained_prompts(tiny_backbone,
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '1', '--lr', '0', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=2, seed=0)
     assert set(results) == {'before', 'after'}
-    assert set(results['after']) == {'FD_clip', 'FD_clip_se', 'class_accuracy', 'class_accuracy_se'}
-    assert results['after']['FD_clip_se'] > 0  # bootstrap over the samples: a spread, not a constant
+    assert set(results['after']) == {'FD_cls', 'FD_cls_se', 'FD_clip', 'FD_clip_se', 'class_accuracy',
+                                     'class_accuracy_se'}
+    assert results['after']['FD_clip_se'] > 0 and results['after']['FD_cls_se'] > 0  # bootstrap: a spread
     assert all(math.isfinite(v) for row in results.values() for v in row.values())
     assert results['before'] == results['after']  # lr 0: the prompts are still zero, so nothing may differ
 
@@ -27,7 +30,7 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '2', '--lr', '0.5', '--t2i', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', n_texts=12, seed=0)
     per_attribute = {f'{key}_accuracy' for key in ('shape', 'colour', 'size', 'position', 'background')}
-    figures = {'FD_clip', 'attribute_accuracy', *per_attribute}
+    figures = {'FD_cls', 'FD_clip', 'attribute_accuracy', *per_attribute}
     assert set(results['after']) == figures | {f + '_se' for f in figures} | {'clip_score'}
     for row in results.values():
         assert 0.0 <= row['attribute_accuracy'] <= 1.0 and 0.0 <= row['clip_score'] <= 100.0
@@ -36,7 +39,7 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
     assert ckpt['parts']['prompt.tokens'].abs().sum() > 0  # trained: "after" is a different model from "before"
     table = evaluate.format_results(results)
-    assert table.splitlines()[0].startswith('| | FD_clip | attribute_accuracy | shape_accuracy |')
+    assert table.splitlines()[0].startswith('| | FD_cls | FD_clip | attribute_accuracy | shape_accuracy |')
     assert ' ± ' in table.splitlines()[2]
 
 
@@ -86,3 +89,19 @@ def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, ca
     with pytest.raises(SystemExit):
         evaluate.main(['--semantic_signal', tiny_backbone, '--beta', '1.5'])
     assert '--beta must lie between 0 and 1, got 1.5' in capsys.readouterr().err
+
+
+def test_fd_cls_reads_the_shape_classifiers_pooled_features(tiny_backbone):
+    """FD_cls's space is the judge's own: the features its head reads, from uint8 images as the samples are saved."""
+    import shapes
+    classifier = shapes.load_shape_classifier(tiny_backbone)
+    images = np.stack([shapes.render(a, 32) for a in shapes.make_split('test', 40, 0)])
+    feats = evaluate.classifier_features(classifier, images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        np.testing.assert_allclose(feats, classifier.pooled(x).double().numpy(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(classifier.head(classifier.pooled(x)), classifier(x))
+    stats = evaluate.feature_statistics(feats)
+    assert evaluate.fd_with_se(feats, stats)[0] < 1e-6  # a set against its own statistics
+    other = evaluate.classifier_features(classifier, np.stack([shapes.render(a, 32) for a in shapes.make_split('train', 40, 5)]))
+    assert evaluate.fd_with_se(other, stats)[0] > 1e-3

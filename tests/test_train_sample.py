@@ -153,12 +153,14 @@ def test_c2i_outputs(c2i_run):
     rows = read_log(out_dir)
     assert [r['step'] for r in rows] == [2, 4]
     for r in rows:
-        for key in ('loss', 'ce', 'sen', 'cap', 'grad_norm', 'lr'):
+        for key in ('loss', 'ce', 'sen', 'cap', 'grad_norm', 'grad_ce', 'grad_sen', 'grad_cap', 'lr'):
             assert np.isfinite(r[key]), (key, r)
         assert r['loss'] == pytest.approx(r['ce'] + r['sen'] + r['cap'], rel=1e-5)  # lambda_sen = lambda_cap = 1
+        assert r['clipped'] == (r['grad_norm'] > 1.0)  # --grad_clip 1.0 on the total (--balance sum)
+        assert r['grad_ce'] > 0 and r['grad_sen'] > 0 and r['grad_cap'] > 0
 
     with Image.open(os.path.join(out_dir, 'losses.png')) as img:
-        assert img.size == (4 * 360, 200)  # one panel each for loss, ce, sen, cap
+        assert img.size == (5 * 360, 200)  # one panel each for loss, ce, sen, cap, and the gradient norms
     with Image.open(os.path.join(out_dir, 'samples', 'step_000002.png')) as img:
         assert img.size == grid_size(1, 8)  # the first 8 of the 10 classes, one row
 
@@ -335,12 +337,13 @@ train.main(sys.argv[1:])
 '''
 
 
-def test_ddp_two_cpu_processes(tiny_backbone, tmp_path):
+@pytest.mark.parametrize('balance', ['sum', 'clip_each'])  # clip_each: gradients term by term, averaged by hand
+def test_ddp_two_cpu_processes(tiny_backbone, tmp_path, balance):
     wrapper = tmp_path / 'ddp_wrapper.py'
     wrapper.write_text(DDP_WRAPPER.format(root=ROOT))
     # no condition dropout and no (batch-contrastive) semantic loss: 2 processes x 4 images must equal 1 process x 8
     argv = train_argv(tiny_backbone, tmp_path / 'ddp', *NO_SEMANTIC, '--cond_drop', 0, '--max_steps', 3,
-                      '--log_every', 1, '--sample_every', 0)
+                      '--log_every', 1, '--sample_every', 0, '--balance', balance)
     result = run_cli(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 2, wrapper, *argv],
                      env=dict(DUMP_DIR=str(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -367,7 +370,7 @@ def test_ddp_two_cpu_processes(tiny_backbone, tmp_path):
 
     # gradients are averaged over the ranks: the same as one process with the two ranks' batches side by side
     train.main(train_argv(tiny_backbone, tmp_path / 'single', *NO_SEMANTIC, '--cond_drop', 0, '--max_steps', 3,
-                          '--sample_every', 0, '--batch_size', 8))
+                          '--sample_every', 0, '--batch_size', 8, '--balance', balance))
     single = load_ckpt(tmp_path / 'single' / 'ckpt.pt')['parts']['prompt.tokens']
     torch.testing.assert_close(tokens, single, rtol=1e-5, atol=1e-5 * single.abs().max().item())  # seen: 2e-7
 
@@ -469,7 +472,7 @@ def test_cli_error_sample_corrupt_checkpoint(tmp_path):
 @pytest.mark.parametrize('flag, value', [('--batch_size', 0), ('--log_every', 0), ('--ckpt_every', 0),
                                          ('--max_steps', 0), ('--lambda_sen', -1), ('--lambda_cap', -0.5), ('--lr', -1e-3),
                                          ('--cond_drop', 1.5), ('--soft_temperature', 0), ('--num_workers', -1),
-                                         ('--semantic_chunk', -1)])
+                                         ('--semantic_chunk', -1), ('--semantic_ratio', 0)])
 def test_unusable_flag_values_are_one_line(flag, value):
     with pytest.raises(ValueError) as error:
         train.get_args(['--data', 'shapes', flag, str(value)])
@@ -897,6 +900,14 @@ def test_a_step_at_the_released_size(tmp_path):
         config = json.load(f)
     assert config['trainable_parameters'] == 143_360 and config['semantic_chunk'] is None
     assert load_file(str(tmp_path / 'run' / 'prompt.safetensors'))['prompt.tokens'].shape == (140, 1024)
+
+
+def test_balance_normalize_trains_and_logs(tiny_backbone, tmp_path):
+    out_dir = tmp_path / 'run'
+    train.main(train_argv(tiny_backbone, out_dir, '--balance', 'normalize', '--semantic_ratio', 0.5, '--max_steps', 2,
+                          '--log_every', 1, '--sample_every', 0))
+    for r in read_log(out_dir):  # the update: CE's gradient plus each level's at half its norm (model.combine)
+        assert r['grad_norm'] <= r['grad_ce'] * (1 + 2 * 0.5) + 1e-6 and r['grad_sen'] > 0
 
 
 def test_loss_plot_marks_the_guessing_level_in_the_clip_losses_panels_alone(tmp_path):

@@ -1,0 +1,108 @@
+"""How the losses' gradients make one update (model.optimizer_step, train.py --balance) and the per-loss gradient
+record of the logged steps: checked against separate autograd computations on the tiny models of conftest.py."""
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clip_loss import SemanticLoss  # noqa: E402
+from frame_prompt import FramePrompt  # noqa: E402
+from model import TunedParts, mvp_loss, optimizer_step, teacher_forcing  # noqa: E402
+
+SENTENCES = ['a photo of a circle', 'a photo of a square', 'a photo of a circle', 'a photo of a star']
+CAPTIONS = ['a red circle', 'a big blue square', 'a small green circle', 'a star on black']
+
+
+def setup(tiny_vae, tiny_var, tiny_clip, lambda_sen=0.5, lambda_cap=2.0):
+    torch.manual_seed(0)
+    parts = TunedParts(FramePrompt(tiny_var.patch_nums, tiny_var.width, 20))
+    with torch.no_grad():
+        parts.prompt.tokens.normal_(0, 0.5)
+    semantic = SemanticLoss(tiny_clip, tiny_vae, 0.6, lambda_sen, lambda_cap)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    idx, x = teacher_forcing(tiny_vae, images)
+    labels = torch.tensor([0, 1, 0, 2])
+
+    def terms():
+        torch.manual_seed(1)  # the condition dropout draws from the global generator: the same at every call
+        return mvp_loss(tiny_var, parts, semantic, idx, x, labels, (SENTENCES, CAPTIONS, None), 0.1, True,
+                        contextlib.nullcontext())[0]
+    return parts, terms
+
+
+def separate_gradients(parts, terms):
+    """Each term's gradient from a forward and backward of its own."""
+    grads = {}
+    for name in ('ce', 'sen', 'cap'):
+        parts.zero_grad(set_to_none=True)
+        terms()[name].backward()
+        grads[name] = parts.prompt.tokens.grad.clone()
+    return grads
+
+
+def step(parts, terms, balance, record=True, grad_clip=1.0, ratio=0.1):
+    """One optimizer_step with plain SGD at lr 1: the update is minus the gradient it applied."""
+    before = parts.prompt.tokens.detach().clone()
+    optimizer = torch.optim.SGD(parts.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    grad_norm, row = optimizer_step(terms(), optimizer, scaler, list(parts.parameters()), grad_clip, balance, ratio,
+                                    record=record)
+    applied = before - parts.prompt.tokens.detach()
+    with torch.no_grad():
+        parts.prompt.tokens.copy_(before)
+    return applied, grad_norm, row
+
+
+def test_terms_are_the_weighted_losses_and_sum_to_eq9(tiny_vae, tiny_var, tiny_clip):
+    parts, terms = setup(tiny_vae, tiny_var, tiny_clip, lambda_sen=0.5, lambda_cap=2.0)
+    torch.manual_seed(1)
+    t, losses = mvp_loss(tiny_var, parts, SemanticLoss(tiny_clip, tiny_vae, 0.6, 0.5, 2.0), *teacher_forcing(
+        tiny_vae, torch.zeros(4, 3, 16, 16)), torch.tensor([0, 1, 0, 2]), (SENTENCES, CAPTIONS, None), 0.1, True,
+        contextlib.nullcontext())
+    assert set(t) == {'ce', 'sen', 'cap'}
+    torch.testing.assert_close(t['sen'], 0.5 * losses['sen'])
+    torch.testing.assert_close(t['cap'], 2.0 * losses['cap'])
+    _, t_off = setup(tiny_vae, tiny_var, tiny_clip, lambda_sen=0.0, lambda_cap=1.0)
+    assert set(t_off()) == {'ce', 'cap'}  # a level whose lambda is 0 is no term
+
+
+def test_gradient_record_matches_separate_autograd(tiny_vae, tiny_var, tiny_clip):
+    parts, terms = setup(tiny_vae, tiny_var, tiny_clip)
+    expected = separate_gradients(parts, terms)
+    applied, grad_norm, row = step(parts, terms, 'sum', grad_clip=1e9)
+    for name, g in expected.items():
+        assert row[f'grad_{name}'] == pytest.approx(g.norm().item(), rel=1e-4)
+    total = sum(expected.values())
+    assert grad_norm.item() == pytest.approx(total.norm().item(), rel=1e-4)
+    torch.testing.assert_close(applied, total, rtol=1e-4, atol=1e-7)  # recording does not change the step
+    assert row['clipped'] is False
+    _, _, bound = step(parts, terms, 'sum', grad_clip=1e-6)
+    assert bound['clipped'] is True
+    _, _, unlogged = step(parts, terms, 'sum', record=False)
+    assert unlogged == {}
+
+
+def test_normalize_gives_each_level_a_fixed_fraction_of_ce(tiny_vae, tiny_var, tiny_clip):
+    parts, terms = setup(tiny_vae, tiny_var, tiny_clip)
+    g = separate_gradients(parts, terms)
+    ratio = 0.3
+    applied, _, _ = step(parts, terms, 'normalize', grad_clip=1e9, ratio=ratio)
+    ce_norm = g['ce'].norm()
+    expected = g['ce'] + sum(ratio * ce_norm * g[k] / g[k].norm() for k in ('sen', 'cap'))
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(applied, sum(g.values()), rtol=1e-2)  # not the plain sum
+
+
+def test_clip_each_clips_every_loss_on_its_own(tiny_vae, tiny_var, tiny_clip):
+    parts, terms = setup(tiny_vae, tiny_var, tiny_clip)
+    g = separate_gradients(parts, terms)
+    norms = {k: v.norm().item() for k, v in g.items()}
+    clip = sorted(norms.values())[1]  # between the smallest and the largest: some terms clipped, one not
+    applied, _, row = step(parts, terms, 'clip_each', grad_clip=clip)
+    expected = sum(v * min(1.0, clip / (norms[k] + 1e-6)) for k, v in g.items())
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-7)
+    assert row['clipped'] is True
