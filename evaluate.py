@@ -28,8 +28,8 @@ import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
 from pretrained import check_writable, load_backbone, load_clip, write_json
-from model import (DTYPES, build_run, generate_images, init_text_projection, load_run, save_grid, set_conv_layout,
-                   to_uint8)
+from model import (DTYPES, build_run, check_sampling, generate_images, init_text_projection, load_run, save_grid,
+                   set_conv_layout, to_uint8)
 from train import build_dataset, collate
 
 
@@ -336,6 +336,10 @@ def main(argv=None):
             p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 < args.beta < 1:
         p.error(f'--beta must lie between 0 and 1, got {args.beta}')
+    try:
+        check_sampling(args.cfg, top_k=0, top_p=1)
+    except ValueError as e:
+        p.error(str(e))
     if args.json:
         check_writable(args.json, '--json', create=True)
     if args.partial_sums:

@@ -97,6 +97,9 @@ METRICS = {
     'trainable_pct': ('% of VAR', 'lower', '{:.2f}'),
     'train_s': ('train s', 'lower', '{:.1f}'),
     'peak_mb': ('peak RSS MB', 'lower', '{:.0f}'),
+    'sen_over_ce': ('grad sen / ce', None, '{:.3g}'),  # from the gradient record of the logged steps (log.jsonl)
+    'cap_over_ce': ('grad cap / ce', None, '{:.3g}'),
+    'clipped_pct': ('clip bound %', None, '{:.0f}'),
 }
 MACHINE_BOUND = ('train_s',)  # metrics that depend on the CPU a run ran on (verdict pairs same-machine seeds only)
 C2I = ('FD_clip', 'class_accuracy', 'trainable', 'train_s')
@@ -189,14 +192,17 @@ BALANCE_ROWS = [('CE only', 'sem_none'), ('lambda 0.001', 'bal_l0.001'), ('lambd
                 ('clip each loss at 1.0', 'bal_clip_each')]
 BALANCE_PAPER = ('No lambdas given; Eq. 9 adds the semantic loss to CE. Here every semantic setting is judged against '
                  'CE alone on what no loss trains against: FD_cls (the shape classifier\'s features), the class or the '
-                 'attributes read; FD_clip (the training CLIP\'s space) is shown, never used to choose.')
+                 'attributes read; FD_clip (the training CLIP\'s space) is shown, never used to choose. grad sen / ce, '
+                 'grad cap / ce: the median over the logged steps of each CLIP level\'s gradient norm (lambda included, '
+                 'before any balancing) over cross-entropy\'s; clip bound %: the logged steps where --grad_clip bound.')
 SECTIONS += [
     dict(table='bal', title='The balance of CE and the semantic loss, class-to-image', paper=BALANCE_PAPER,
-         metrics=('FD_cls', 'class_accuracy', 'FD_clip', 'train_s'),
+         metrics=('FD_cls', 'class_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'clipped_pct', 'train_s'),
          rows=[(label, run, 'after') for label, run in BALANCE_ROWS],
          claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'class_accuracy')]),
     dict(table='bal', title='The balance of CE and the semantic loss, text-to-image', paper=BALANCE_PAPER,
-         metrics=('FD_cls', 'attribute_accuracy', 'shape_accuracy', 'FD_clip', 'clip_score', 'train_s'),
+         metrics=('FD_cls', 'attribute_accuracy', 'shape_accuracy', 'FD_clip', 'clip_score', 'sen_over_ce',
+                  'cap_over_ce', 'clipped_pct', 'train_s'),
          rows=[(label, 't2i_' + run, 'after') for label, run in BALANCE_ROWS],
          claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'attribute_accuracy')]),
 ]
@@ -382,7 +388,8 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report reads of a run
+RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report needs of a run
+OPTIONAL_RECORDS = ('log.jsonl',)  # kept where the run has it: the losses and the gradient record
 BACKBONE_FILES = ('backbone.json', 'vqvae.pth', 'var.pth', 'clip/open_clip_config.json', 'clip/open_clip_model.safetensors',
                   'shape_classifier.pth')  # what a run's figures depend on: the CLIP is both the judge and FD_clip's space
 
@@ -411,7 +418,7 @@ def copy_records(source: str, target: str):
     """A run's records from one run folder to another, when source has them all."""
     if all(os.path.isfile(os.path.join(source, f)) for f in RECORD_FILES):
         os.makedirs(target, exist_ok=True)
-        for f in RECORD_FILES:
+        for f in RECORD_FILES + tuple(f for f in OPTIONAL_RECORDS if os.path.isfile(os.path.join(source, f))):
             shutil.copyfile(os.path.join(source, f), os.path.join(target, f))
 
 
@@ -525,9 +532,29 @@ def collect(args, name: str, which: str):
             config = read_json(os.path.join(out, 'config.json')) or {}
             if row['trainable'] is not None and config.get('var_parameters'):
                 row['trainable_pct'] = 100 * row['trainable'] / config['var_parameters']
+            row.update(gradient_record(os.path.join(out, 'log.jsonl')))
         for k, v in row.items():
             values.setdefault(k, {})[seed] = v
     return values, seeds
+
+
+def gradient_record(log_path: str) -> dict:
+    """From a run's log.jsonl: the median over its logged steps of each CLIP level's gradient norm over CE's (the
+    weighted terms, before any balancing) and the percentage of logged steps where the clip bound; {} without one."""
+    try:
+        with open(log_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    rows = [r for r in rows if r.get('grad_ce')]
+    if not rows:
+        return {}
+    record = {'clipped_pct': 100 * statistics.fmean(bool(r.get('clipped')) for r in rows)}
+    for level in ('sen', 'cap'):
+        ratios = [r[f'grad_{level}'] / r['grad_ce'] for r in rows if f'grad_{level}' in r]
+        if ratios:
+            record[f'{level}_over_ce'] = statistics.median(ratios)
+    return record
 
 
 def mean_std(xs):

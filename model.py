@@ -154,6 +154,16 @@ def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
     return var.drop_condition(cond, cond_drop) if drop else cond
 
 
+def check_sampling(cfg: float, top_k: int, top_p: float):
+    """Sampling settings that no sampler can use: one line naming the flag (sample.py's, evaluate.py's)."""
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise ValueError(f'--cfg must be a finite number >= 0, got {cfg}')
+    if top_k < 0:
+        raise ValueError(f'--top_k must be at least 0 (0: no top-k truncation), got {top_k}')
+    if not 0 < top_p <= 1:
+        raise ValueError(f'--top_p must lie in (0, 1] (1: no nucleus truncation), got {top_p}')
+
+
 @torch.no_grad()
 def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
                     use_prompt=True, dtype=torch.float32):
@@ -189,6 +199,12 @@ def save_grid(images, path: str, nrow: int = 8):
         grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: grid.save(tmp, format='PNG'))
+
+
+def save_image(image_3HW: torch.Tensor, path: str):
+    """One image in [0, 1] as a PNG of its own size, without a grid's border."""
+    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(image_3HW[None])[0]).save(tmp, format='PNG'))
+
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""

@@ -11,9 +11,13 @@ downloaded there (HF_ENDPOINT, HF_HUB_OFFLINE and the token apply as everywhere 
 them; missing files are downloaded into it. Offline, a missing file fails within seconds with one line naming
 the repo, the file and where to put it. Everything loads with strict=True.
 """
+import fcntl
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -144,12 +148,55 @@ def save_backbone(folder: str, vae: VQVAE, vae_kwargs: dict, var: VAR, var_kwarg
     write_json(os.path.join(folder, 'backbone.json'), {'vqvae': vae_kwargs, 'var': var_kwargs})
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota, a file-size limit): one line naming it and the cause."""
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = ''):
     """write(tmp) to a temporary name beside path, then rename it to path: a crash or a full disk never leaves a
-    half-written file at path. suffix: an ending the writer insists on (np.savez adds .npz)."""
+    half-written file at path, and a failed write leaves no temporary file either (a WriteError naming path and the
+    cause). suffix: an ending the writer insists on (np.savez adds .npz)."""
     tmp = path + '.part' + suffix
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError of its C++ writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f'cannot write {path}: {write_failure(e, path)}; the file there (if any) is as it was') from None
+
+
+def write_failure(error: BaseException, path: str) -> str:
+    """Why a write failed, in words: the system's reason where it gives one, else the writer's first line and the
+    space left on that disk."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        free = f'{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20:.1f} MB free there'
+    except OSError:
+        free = 'the free space is unknown'
+    return f'{str(error).strip().splitlines()[0][:200]} ({free})'
+
+
+def lock_folder(folder: str):
+    """Hold an exclusive lock on FOLDER/.run.lock for as long as the returned file stays open; one line naming the live
+    process that holds it otherwise. The kernel drops the lock when its process dies (kill -9, a crash), so a
+    folder left by a dead run is taken over as it is."""
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, '.run.lock'), 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'another process'
+        handle.close()
+        raise ValueError(f'--out_dir {folder} is in use by a live run ({holder}): wait for it to end, or choose '
+                         f'another --out_dir') from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    handle.flush()
+    return handle
 
 
 def probe_write(folder: str, what: str):

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import DTYPES, auto_dtype, generate_images, load_run, parse_device, save_grid, set_conv_layout, to_uint8
+from model import (DTYPES, auto_dtype, check_sampling, generate_images, load_run, parse_device, save_grid, save_image,
+                   set_conv_layout, to_uint8)
 from pretrained import atomic_write, check_writable, load_backbone
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
@@ -76,6 +77,7 @@ def check_args(args):
     for name in ('n', 'per_class', 'batch_size'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    check_sampling(args.cfg, args.top_k, args.top_p)
     if args.text is not None and any(not t.strip() for t in args.text):
         raise ValueError('--text is empty: give a caption, e.g. --text "a large green circle in the center"')
     if args.text is None and args.class_id is None and args.eval_npz is None:
@@ -140,8 +142,7 @@ def main(argv=None):
         for row, name in enumerate(names):
             for i in range(args.n):
                 slug = ''.join(ch if ch.isalnum() else '_' for ch in name)[:60]  # the row number keeps names apart
-                path = os.path.join(args.per_image, f'{row:03d}_{slug}_{i}.png')
-                save_grid(images[row * args.n + i:row * args.n + i + 1], path, 1)
+                save_image(images[row * args.n + i], os.path.join(args.per_image, f'{row:03d}_{slug}_{i}.png'))
 
 
 if __name__ == '__main__':

@@ -42,7 +42,7 @@ from frame_prompt import PLACEMENTS, FramePrompt
 from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
                    init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, parse_device, save_grid,
                    save_prompt, teacher_forcing, write_config)
-from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable
+from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable, lock_folder
 
 
 def get_args(argv=None):
@@ -310,6 +310,24 @@ def end_process(proc: Process, exit_code: Optional[int] = None):
         sys.exit(exit_code)
 
 
+def claim_out_dir(out_dir: str, proc: Process):
+    """The first process locks OUT_DIR for the run (pretrained.lock_folder); every process stops with its one line if
+    another live run holds it, so the DDP ranks of one run are one run and never wait on each other."""
+    lock, refusal = None, None
+    if proc.master:
+        try:
+            lock = lock_folder(out_dir)
+        except ValueError as e:
+            refusal = str(e)
+    if proc.ddp:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise ValueError(refusal)
+    return lock
+
+
 def find_resume(args) -> Tuple[Optional[dict], Optional[str]]:
     """The checkpoint to continue from, if any; its settings must match the ones asked for."""
     path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
@@ -453,7 +471,12 @@ def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, record: di
            **record, 'lr': lr, 'time': round(time.time() - t0, 2)}
     with open(log_path, 'a') as f:
         f.write(json.dumps(row) + '\n')
-    bar.set_postfix({k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')})
+    shown = {k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')}
+    if bar.disable:
+        print(f'step {step}/{bar.total}: ' + ', '.join(f'{k} {v}' for k, v in shown.items()) +
+              f', {row["time"]:.0f}s', flush=True)
+    else:
+        bar.set_postfix(shown)
 
 
 def main(argv=None):
@@ -464,6 +487,12 @@ def main(argv=None):
     check_creatable(args.out_dir, '--out_dir')
     ckpt, resume_path = find_resume(args)
     dataset, steps_per_epoch = training_data(args, proc.world)
+    with claim_out_dir(args.out_dir, proc) or nullcontext():  # one run per folder, held until the run ends
+        run(args, proc, dtype, autocast, ckpt, resume_path, dataset, steps_per_epoch)
+
+
+def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_per_epoch: int):
+    """The run in the folder it holds: the models, a resumed state, the training loop, the loss plot."""
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
     if args.t2i:
@@ -488,7 +517,8 @@ def main(argv=None):
         dict(labels=torch.arange(min(8, var.num_classes), device=proc.device))
     watch_2 = torch.tensor([-1.0, 0.0], device=proc.device)  # (first non-finite step or -1, its loss)
     check_every = [args.log_every, args.ckpt_every] + ([args.sample_every] if args.sample_every else [])
-    bar = tqdm(total=args.max_steps, initial=step, disable=not proc.master, dynamic_ncols=True)
+    # on a terminal a progress bar; sent to a file, one plain line per logged step (log_step)
+    bar = tqdm(total=args.max_steps, initial=step, disable=not proc.master or not sys.stderr.isatty(), dynamic_ncols=True)
     t0 = time.time()
     # Ctrl-C: the loop saves and stops at the next step; an error ends the progress bar's line before it is printed
     with bar, stop_on_interrupt() as interrupted:
@@ -541,7 +571,7 @@ def error_line(error: BaseException) -> str:
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, ConnectionError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a refused connection, a full disk (WriteError)
         sys.exit(f'error: {error_line(e)}')
     except KeyboardInterrupt:  # before the training loop: nothing trained, nothing to save
         sys.exit('interrupted before the first step: nothing was saved')

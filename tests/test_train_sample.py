@@ -231,9 +231,9 @@ def test_t2i_sample(t2i_run, tmp_path):
     assert len(files) == 2 and all(f.endswith('.png') for f in files)
     for i, name in enumerate(files):
         single = png(per_image / name)
-        assert single.shape == (IMAGE + 2 * PAD, IMAGE + 2 * PAD, 3)
+        assert single.shape == (IMAGE, IMAGE, 3)  # the image as the model made it: no grid border
         x0 = PAD + i * (IMAGE + PAD)
-        np.testing.assert_array_equal(single[PAD:PAD + IMAGE, PAD:PAD + IMAGE], grid[PAD:PAD + IMAGE, x0:x0 + IMAGE])
+        np.testing.assert_array_equal(single, grid[PAD:PAD + IMAGE, x0:x0 + IMAGE])
 
 
 # -----------------------------------------------------------------------------
@@ -711,7 +711,7 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(nan_run):
     assert result.returncode == 1, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
     assert 'nan' in result.stderr and str(out_dir) in result.stderr  # says why, and where the good checkpoint is
-    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt.pt.saved_at_step2', 'config.json', 'log.jsonl',
+    assert sorted(os.listdir(out_dir)) == ['.run.lock', 'ckpt.pt', 'ckpt.pt.saved_at_step2', 'config.json', 'log.jsonl',
                                            'prompt.safetensors']
     assert (out_dir / 'ckpt.pt').read_bytes() == (out_dir / 'ckpt.pt.saved_at_step2').read_bytes()
     ckpt = load_ckpt(out_dir / 'ckpt.pt')
