@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from baselines import PrefilledPrompt, add_lora
 from var import VAR
 from vqvae import MultiScaleQuantizer, VQVAE
 
+REPO = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS: Dict[str, Callable] = {}
 EXTRA_ARGS: Dict[str, Callable] = {}
 
@@ -675,6 +677,7 @@ def training(args) -> Optional[List[dict]]:
     if table is None:
         return None
     results, rows = table
+    args.raw = results
     args.notes = step_notes(args, results)  # main() appends them below the table to --out
     print('\n'.join(args.notes))
     return rows
@@ -710,6 +713,7 @@ def fullsize(args) -> Optional[List[dict]]:
     if table is None:
         return None
     results, rows = table
+    args.raw = results
     notes = step_notes(args, results)
     breakdowns = {v: r['breakdown'] for v, r in results.items() if 'breakdown' in r}
     for v, stages in breakdowns.items():
@@ -872,6 +876,229 @@ def dataloader(args) -> List[dict]:
 
 
 # -----------------------------------------------------------------------------
+# device: every CUDA figure the README lacks, in one command, each part within its own time budget
+
+DEVICE_PARTS = {  # part -> its budget in seconds (480 in all: a lent GPU's 15 minutes hold the machine's start too)
+    'cuda_tests': 40, 'train_d16': 90, 'steps_d16': 80, 'steps_d30': 50, 'max_batch_d16': 60, 'semantic_chunk': 45,
+    'compile': 60, 'sampling_d16': 55}
+DEVICE_NEEDS = ('numpy', 'PIL', 'scipy', 'tqdm', 'open_clip', 'safetensors', 'huggingface_hub', 'pytest')
+PEAK_BF16_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12}
+STEP_VARIANTS_D16 = 'frozen,mvp,mvp_semantic,prefilled,lora,full'
+
+
+def device_args(parser):
+    parser.add_argument('--out_dir', default='docs/device', help='where <device>.json and <device>.md go')
+    parser.add_argument('--official', default=None, metavar='PATH', help='a checkout of FoundationVision/VAR carried '
+                        'along: its sampler beside ours, and the parity tests')
+    parser.add_argument('--dry_run', action='store_true', help='tiny sizes on the CPU, the same parts and files (the '
+                        'test suite runs this); CUDA-only parts are recorded as skipped')
+    parser.add_argument('--parts', default=','.join(DEVICE_PARTS), help='comma-separated subset of the parts')
+
+
+def missing_packages() -> List[str]:
+    import importlib.util
+    return [name for name in DEVICE_NEEDS if importlib.util.find_spec(name) is None]
+
+
+def run_within(cmd: List[str], seconds: float, env: Optional[dict] = None) -> dict:
+    """A command with a time limit: {'rc', 'seconds', 'timed_out', 'tail'} (the last lines of its output)."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, seconds), cwd=REPO,
+                              env={**os.environ, **(env or {})})
+        rc, output, timed_out = proc.returncode, proc.stdout + proc.stderr, False
+    except subprocess.TimeoutExpired as e:
+        rc, timed_out = None, True
+        output = (e.stdout or b'').decode(errors='replace') if isinstance(e.stdout, bytes) else (e.stdout or '')
+    return {'rc': rc, 'seconds': round(time.time() - t0, 1), 'timed_out': timed_out,
+            'tail': '\n'.join(output.strip().splitlines()[-8:])}
+
+
+def bench_json(name: str, flags: List[str], seconds: float, folder: str, tag: str) -> dict:
+    """bench.py NAME FLAGS in its own process within `seconds`: the run's record, with its JSON ('result') if it ended."""
+    path = os.path.join(folder, f'{tag}.json')
+    record = run_within([sys.executable, os.path.abspath(__file__), name, *flags, '--json', path], seconds)
+    if record['rc'] == 0 and os.path.isfile(path):
+        with open(path) as f:
+            record['result'] = json.load(f)
+    return record
+
+
+def mfu(raw: dict, batch: int, device_name: str) -> Optional[float]:
+    """Model FLOPs utilisation of a step, bf16 dense peak: the VAR's matrix work only, 2 x params x tokens for the
+    forward and as much for the input gradient, 2 more for weight gradients when the whole VAR trains (attention
+    scores, the VQVAE and CLIP uncounted, so it reads low for the semantic rows)."""
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
+    if peak is None or not raw.get('step'):
+        return None
+    per_token = (6 if raw['trainable'] >= raw['var_params'] else 4) * raw['var_params']
+    return per_token * raw['L'] * batch / raw['step'] / peak
+
+
+def add_throughput(result: dict, batch: int, device_name: str):
+    """A step table's rows get images/s and MFU, from the raw figures of the same variants (in the same order)."""
+    for row, raw in zip(result.get('rows', []), (result.get('raw') or {}).values()):
+        raw['mfu'] = mfu(raw, batch, device_name)
+        row['images/s'] = f'{batch / raw["step"]:.1f}'
+        row['MFU (bf16 peak)'] = 'n/a' if raw['mfu'] is None else f'{100 * raw["mfu"]:.1f}%'
+
+
+def step_part(variants: str, depth: int, extra: List[str], dry: bool, seconds: float, folder: str, tag: str) -> dict:
+    """A step table: bench.py fullsize at the released size on the GPU; the tiny `training` benchmark in a dry run."""
+    if dry:
+        return bench_json('training', ['--variants', variants, '--batch', '2', '--repeats', '1', '--warmup', '1',
+                                       '--in_process', *extra], seconds, folder, tag)
+    return bench_json('fullsize', ['--device', 'cuda', '--depth', str(depth), '--variants', variants, '--batch', '16',
+                                   '--repeats', '3', '--warmup', '2', *extra], seconds, folder, tag)
+
+
+def train_part(dry: bool, seconds: float, folder: str) -> dict:
+    """train.py end to end with CE + both semantic losses: 20 steps straight, and 10 + 10 resumed; the loss finite,
+    the checkpoint written, the resumed prompt against the straight one."""
+    t0 = time.time()
+    if dry:
+        base = ['--backbone', 'checkpoints/shapes', '--data', 'shapes', '--shapes_n', '64', '--batch_size', '4']
+        steps = 2
+    else:
+        data = os.path.join(folder, 'jpegs')
+        synthetic_jpegs(data, 160, 320, 256)
+        base = ['--backbone', 'released-random', '--depth', '16', '--clip_pretrained', 'none', '--data', data,
+                '--batch_size', '8']
+        steps = 20
+    base += ['--sample_every', '0', '--log_every', '1', '--ckpt_every', str(steps // 2), '--device', 'cpu' if dry else 'cuda']
+    runs = {}
+    for name, extra in (('straight', ['--max_steps', str(steps)]), ('first_half', ['--max_steps', str(steps // 2)]),
+                        ('resumed', ['--max_steps', str(steps), '--resume', 'auto'])):
+        out = os.path.join(folder, 'train_straight' if name == 'straight' else 'train_resumed')
+        runs[name] = run_within([sys.executable, 'train.py', *base, *extra, '--out_dir', out],
+                                seconds - (time.time() - t0))
+        if runs[name]['rc'] != 0:
+            return {'status': 'timeout' if runs[name]['timed_out'] else 'failed', 'runs': runs}
+    ckpts = {k: torch.load(os.path.join(folder, f'train_{k}', 'ckpt.pt'), map_location='cpu', weights_only=True)
+             for k in ('straight', 'resumed')}
+    with open(os.path.join(folder, 'train_straight', 'log.jsonl')) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    a, b = (ckpts[k]['parts']['prompt.tokens'].float() for k in ('straight', 'resumed'))
+    return {'status': 'done', 'runs': runs, 'steps': ckpts['straight']['step'], 'last_row': log[-1],
+            'losses_finite': all(math.isfinite(r['loss']) for r in log), 'resume_exact': bool(torch.equal(a, b)),
+            'resume_max_abs_diff': (a - b).abs().max().item()}
+
+
+def device_part(part: str, args, dry: bool, seconds: float, folder: str) -> dict:
+    """One part of the device check -> its record: 'status' done / failed / timeout / skipped, and its figures."""
+    cuda_only = {'max_batch_d16': 'the largest batch is found by running out of CUDA memory',
+                 'semantic_chunk': 'the chunk only changes memory, which the CPU does not run out of',
+                 'compile': 'torch.compile builds its kernels for minutes on the CPU'}
+    if dry and part in cuda_only:
+        return {'status': 'skipped', 'note': f'dry run: {cuda_only[part]}'}
+    if part == 'cuda_tests':
+        if dry:
+            return {'status': 'skipped', 'note': 'dry run: tests/test_cuda.py skips itself without CUDA'}
+        tests = ['tests/test_cuda.py'] + (['tests/test_official_parity.py'] if args.official else [])
+        record = run_within([sys.executable, '-m', 'pytest', '-q', *tests], seconds,
+                            env={'VAR_OFFICIAL': args.official} if args.official else None)
+        return {**record, 'status': 'done' if record['rc'] == 0 else 'timeout' if record['timed_out'] else 'failed'}
+    if part == 'train_d16':
+        return train_part(dry, seconds, folder)
+    if part in ('steps_d16', 'steps_d30', 'max_batch_d16', 'compile'):
+        variants, depth, extra = {'steps_d16': (STEP_VARIANTS_D16, 16, []),
+                                  'steps_d30': ('mvp_semantic,prefilled', 30, []),
+                                  'max_batch_d16': ('mvp_semantic,prefilled', 16, ['--max_batch', '--repeats', '1']),
+                                  'compile': ('mvp_semantic', 16, ['--compile'])}[part]
+        if dry and part == 'steps_d16':
+            variants = 'mvp,mvp_semantic'  # the tiny table's time is the suite's
+        record = step_part(variants, depth, extra, dry, seconds, folder, part)
+    elif part == 'semantic_chunk':
+        record = {'chunks': {}}
+        t0 = time.time()
+        for chunk in ('1', '4', '8'):
+            record['chunks'][chunk] = step_part('mvp_semantic', 16, ['--semantic_chunk', chunk], dry,
+                                                seconds - (time.time() - t0), folder, f'chunk{chunk}')
+        done = all(r['rc'] == 0 for r in record['chunks'].values())
+        return {**record, 'status': 'done' if done else 'failed'}
+    elif part == 'sampling_d16':
+        record = {'runs': {}}
+        t0 = time.time()
+        settings = [('b2_fp32', ['--batch', '2', '--dtype', 'fp32'])] if dry else \
+            [(f'b{b}_{d}', ['--batch', str(b), '--dtype', d, '--depth', '16', '--device', 'cuda'])
+             for b in (1, 64) for d in ('fp32', 'bf16')]
+        for tag, flags in settings:
+            official = ['--official', args.official] if args.official and not dry and 'fp32' in tag else []
+            record['runs'][tag] = bench_json('sampling', [*flags, '--kv', 'on', '--repeats', '1' if dry else '3',
+                                                          *official], seconds - (time.time() - t0), folder, f'sampling_{tag}')
+        done = all(r['rc'] == 0 for r in record['runs'].values())
+        return {**record, 'status': 'done' if done else 'failed'}
+    else:
+        raise ValueError(part)
+    return {**record, 'status': 'done' if record['rc'] == 0 else 'timeout' if record['timed_out'] else 'failed'}
+
+
+def device_markdown(report: dict) -> str:
+    """The check's record as one Markdown page: each part's status and time, then its table."""
+    lines = [f'# Device check: {report["device"]}', '', f'`{report["command"]}` on {report["date"]}; {report["env"]}.',
+             f'{report["seconds"]:.0f} s in all.', '', '| part | status | seconds (budget) | note |', '|---|---|---|---|']
+    for part, r in report['parts'].items():
+        lines.append(f'| {part} | {r["status"]} | {r.get("seconds", "–")} ({DEVICE_PARTS[part]}) | {r.get("note", "")} |')
+    for part, r in report['parts'].items():
+        tables = [(part, r)] if 'result' in r else [(f'{part}: {k}', v) for k, v in {**r.get('chunks', {}),
+                                                                                    **r.get('runs', {})}.items()]
+        for title, t in tables:
+            if 'result' in t:
+                lines += ['', f'## {title}', '', format_table(t['result']['rows'], markdown=True)]
+    train = report['parts'].get('train_d16', {})
+    if train.get('status') == 'done':
+        lines += ['', '## train_d16', '', f'{train["steps"]} steps, losses finite: {train["losses_finite"]}; last row: '
+                  f'{json.dumps(train["last_row"])}; resumed at half way, the prompt equals the straight run\'s: '
+                  f'{train["resume_exact"]} (largest difference {train["resume_max_abs_diff"]:.3g}).']
+    return '\n'.join(lines) + '\n'
+
+
+@benchmark(add_args=device_args)
+def device(args) -> Optional[List[dict]]:
+    """Every CUDA figure in one command (tests, train.py at d16, step tables, largest batch, chunks, compile, sampling)."""
+    missing = missing_packages()
+    if missing:
+        raise SystemExit(f'error: this machine lacks {", ".join(missing)}: bring them as wheels (docs/device.md)')
+    parts = [p.strip() for p in args.parts.split(',') if p.strip()]
+    unknown = [p for p in parts if p not in DEVICE_PARTS]
+    if unknown or not parts:
+        raise SystemExit(f'error: unknown --parts {unknown}; choose from {", ".join(DEVICE_PARTS)}')
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit('error: no CUDA device here: the device check runs on a GPU (--dry_run: tiny, on the CPU)')
+    if args.official and not os.path.isfile(os.path.join(args.official, 'models', 'var.py')):
+        raise SystemExit(f'error: --official {args.official} is not a checkout of FoundationVision/VAR (no models/var.py)')
+    device_name = 'cpu (dry run)' if args.dry_run else torch.cuda.get_device_name(0)
+    os.makedirs(args.out_dir, exist_ok=True)
+    work = os.path.join(args.out_dir, 'work')  # the parts' own files; the record is the .json and .md beside it
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    t0 = time.time()
+    report = {'device': device_name, 'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
+              'command': 'python bench.py device ' + ' '.join(sys.argv[2:]), 'env': environment(torch.device('cpu'
+              if args.dry_run else 'cuda')), 'parts': {}}
+    for part in parts:
+        started = time.time()
+        print(f'{part} (budget {DEVICE_PARTS[part]} s) ...', flush=True)
+        record = device_part(part, args, args.dry_run, DEVICE_PARTS[part], work)
+        record.setdefault('seconds', round(time.time() - started, 1))
+        if record['status'] == 'timeout':
+            record['note'] = f'budget of {DEVICE_PARTS[part]} s spent: skipped the rest of this part'
+        for r in ([record] if 'result' in record else list(record.get('chunks', {}).values())):
+            add_throughput(r.get('result', {}), 2 if args.dry_run else 16, device_name)
+        report['parts'][part] = record
+        print(f'{part}: {record["status"]} in {record["seconds"]} s', flush=True)
+    report['seconds'] = round(time.time() - t0, 1)
+    slug = ''.join(c if c.isalnum() else '_' for c in device_name).strip('_')
+    with open(os.path.join(args.out_dir, f'{slug}.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out_dir, f'{slug}.md'), 'w') as f:
+        f.write(device_markdown(report))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f'wrote {os.path.join(args.out_dir, slug)}.json and .md in {report["seconds"]:.0f} s')
+    return None
+
+
+# -----------------------------------------------------------------------------
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -885,6 +1112,7 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument('--repeats', type=int, default=3, help='timed runs after the warm-up; the median is reported')
     common.add_argument('--seed', type=int, default=0)
     common.add_argument('--out', default=None, help='append the table as markdown to this file')
+    common.add_argument('--json', default=None, help='also write the rows, the notes and the raw figures to this file')
     return common
 
 
@@ -913,6 +1141,10 @@ def main():
             for note in getattr(args, 'notes', []):  # what a benchmark prints below its table, if it says
                 f.write(f'\n{note}\n')
         print(f'appended to {args.out}')
+    if args.json and rows:
+        with open(args.json, 'w') as f:
+            json.dump({'name': args.name, 'env': env, 'rows': rows, 'notes': getattr(args, 'notes', []),
+                       'raw': getattr(args, 'raw', None)}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -2,11 +2,13 @@
 
     python -m pytest -q tests/test_bench.py
 """
+import json
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,3 +175,49 @@ def test_sampling_table_kv_on(monkeypatch, capsys):
                                                      '--dtype', 'fp32']))
     assert list(rows)[:7] == [f'scale {i + 1} ({pn}x{pn})' for i, pn in enumerate(bench.TINY_PATCH_NUMS)]
     assert float(rows['throughput'][1]) > 0 and float(rows['total'][1]) > 0
+
+
+def test_device_check_dry_run_writes_every_part(tmp_path):
+    """bench.py device at tiny sizes on the CPU: the parts, files and checks a GPU run makes, so it cannot rot."""
+    out = tmp_path / 'device'
+    result = subprocess.run([sys.executable, 'bench.py', 'device', '--dry_run', '--out_dir', str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ['cpu__dry_run.json', 'cpu__dry_run.md']  # the parts' work files are gone
+    with open(out / 'cpu__dry_run.json') as f:
+        report = json.load(f)
+    parts = report['parts']
+    assert list(parts) == list(bench.DEVICE_PARTS)
+    for name in ('cuda_tests', 'max_batch_d16', 'semantic_chunk', 'compile'):
+        assert parts[name]['status'] == 'skipped' and parts[name]['note'].startswith('dry run')
+    train = parts['train_d16']
+    assert train['status'] == 'done' and train['losses_finite'] and train['resume_exact'] and train['steps'] == 2
+    assert {'sen', 'cap', 'grad_sen', 'grad_cap'} <= set(train['last_row'])  # CE + both semantic losses
+    for name in ('steps_d16', 'steps_d30'):
+        rows = parts[name]['result']['rows']
+        assert parts[name]['status'] == 'done' and len(rows) == 2
+        assert all(float(r['images/s']) > 0 and r['MFU (bf16 peak)'] == 'n/a' for r in rows)  # no peak known for a CPU
+    assert parts['sampling_d16']['status'] == 'done'
+    page = (out / 'cpu__dry_run.md').read_text()
+    assert '| train_d16 | done |' in page and '## steps_d30' in page
+
+
+def test_device_check_refuses_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench, 'missing_packages', lambda: ['open_clip', 'pytest'])
+    with pytest.raises(SystemExit, match='lacks open_clip, pytest: bring them as wheels'):
+        run_main(monkeypatch, capsys, ['device', '--out_dir', str(tmp_path)])
+    monkeypatch.setattr(bench, 'missing_packages', lambda: [])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='no CUDA device here'):
+            run_main(monkeypatch, capsys, ['device', '--out_dir', str(tmp_path)])
+    with pytest.raises(SystemExit, match='unknown --parts'):
+        run_main(monkeypatch, capsys, ['device', '--dry_run', '--parts', 'warp_drive', '--out_dir', str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_mfu_counts_the_vars_matrix_work():
+    raw = {'step': 0.5, 'trainable': 10, 'var_params': 1000, 'L': 680}
+    assert bench.mfu(raw, 16, 'NVIDIA H100 80GB HBM3') == pytest.approx(4 * 1000 * 680 * 16 / 0.5 / 989e12)
+    assert bench.mfu({**raw, 'trainable': 1000}, 16, 'NVIDIA H100') == pytest.approx(6 * 1000 * 680 * 16 / 0.5 / 989e12)
+    assert bench.mfu(raw, 16, 'cpu (dry run)') is None
