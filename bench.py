@@ -829,7 +829,7 @@ def dataloader(args) -> List[dict]:
     """train.py's DataLoader on JPEGs at 256 px: images/s by num_workers, against what a step consumes."""
     import tempfile
     from data import FolderDataset
-    from train import Process, epoch_loader
+    from data import epoch_loader
     workers = [int(w) for w in args.workers.split(',')]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.folder
@@ -845,11 +845,9 @@ def dataloader(args) -> List[dict]:
               f'{args.repeats}')
         rows = []
         for num_workers in workers:
-            loader_args = types.SimpleNamespace(batch_size=args.batch, seed=args.seed, num_workers=num_workers)
-            proc = Process(False, 0, 1, torch.device(args.device))
-
             def one_pass() -> float:
-                loader = epoch_loader(dataset, loader_args, 0, steps, proc)
+                loader = epoch_loader(dataset, args.batch, args.seed, num_workers, 0, steps,
+                                      pin_memory=args.device == 'cuda')
                 t0 = time.perf_counter()
                 for images, *_ in loader:
                     assert images.shape == (args.batch, 3, args.size, args.size)

@@ -15,6 +15,7 @@ exactly the crops an uninterrupted one would.
 import json
 import os
 import random
+import signal
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -111,3 +112,50 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         label = self.samples[index][1]
         return self.load_image(index), label, self.sentences[label], self.captions[index]
+
+
+# -----------------------------------------------------------------------------
+# the training loop's data: the dataset of a run's flags, and its seeded batches
+
+
+def build_dataset(args, image_size: int):
+    if args.data is None:
+        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder) or --data shapes')
+    if args.data == 'shapes':
+        from shapes import ShapesDataset
+        return ShapesDataset('train', args.shapes_n, image_size=image_size, seed=args.seed)
+    dataset = FolderDataset(args.data, 'train', image_size, args.captions, args.class_names, train=True, seed=args.seed)
+    if args.captions and dataset.missing_captions:
+        print(f'{dataset.missing_captions} of {len(dataset)} images have no caption in {args.captions}: '
+              f'they use their sentence instead')
+    return dataset
+
+
+def batches_of_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int):
+    """This process's batches of one epoch: a seeded permutation, split across processes, the last partial batch dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    per_step = batch_size * world
+    return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, n - per_step + 1, per_step)]
+
+
+def ignore_interrupts(worker_id: int):  # DataLoader workers: Ctrl-C is the main process's to handle (train.main)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def collate(items):
+    images, labels, sentences, captions = zip(*items)
+    return torch.stack(images), torch.tensor(labels), list(sentences), list(captions)
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, num_workers: int, step: int, steps_per_epoch: int, rank: int = 0,
+                 world: int = 1, pin_memory: bool = False):
+    """The batches of the epoch that `step` is in, from that step on: a resumed run sees the same batches.
+    pin_memory: host-to-GPU copies without a staging copy (CUDA)."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    if hasattr(dataset, 'epoch'):
+        dataset.epoch = epoch
+    batch_lists = batches_of_epoch(len(dataset), batch_size, epoch, seed, rank, world)[offset:]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
+                                       num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
+                                       worker_init_fn=ignore_interrupts,
+                                       generator=torch.Generator())  # not the global RNG: resume stays exact

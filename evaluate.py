@@ -26,15 +26,11 @@ from scipy import ndimage
 
 import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
-from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance
+from data import build_dataset, collate
+from fid import ClipFeatures, clip_score, fd_clip, feature_statistics, frechet_distance
 from pretrained import check_writable, load_backbone, load_clip, write_json
 from model import (DTYPES, build_run, check_sampling, generate_images, init_text_projection, load_run, save_grid,
                    set_conv_layout, to_uint8)
-from train import build_dataset, collate
-
-
-def fd_clip(features: ClipFeatures, generated: np.ndarray, reference_stats) -> float:
-    return frechet_distance(*feature_statistics(features.images(generated)), *reference_stats)
 
 
 def fd_with_se(feats: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):
@@ -248,7 +244,7 @@ def prefix_probe(backbone: str, n: int = 1000, cfg_scale: float = 1.5, top_k: in
     something beyond the background) in the samples and in the renders' own maps, and how often those tokens form two
     or more separate groups (4-connected): a count that matches with more scattered groups is the mark of tokens
     sampled independently where the image's tokens go together (one shape, one group)."""
-    from pretrain import attribute_distributions, attribute_tv, rendered, to_input
+    from shapes import attribute_distributions, attribute_tv, rendered, to_input
     vae, var = load_backbone(backbone)
     classifier = shapes.load_shape_classifier(backbone)
     features = ClipFeatures(pretrained=os.path.join(backbone, 'clip'))

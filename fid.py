@@ -143,6 +143,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def fd_clip(features, generated, reference_stats):
+    """FD between uint8 images (N, H, W, 3) and reference statistics in a ClipFeatures space."""
+    return frechet_distance(*feature_statistics(features.images(generated)), *reference_stats)
+
+
 def _knn_radii(feats, k, chunk):
     """distance of each row of feats (N, D) to its k-th nearest other row: (N,)"""
     # k + 1: the row itself is its own nearest neighbour, at distance 0

@@ -420,6 +420,14 @@ def combine(grads: dict, balance: str, grad_clip: float, ratio: float):
     return total, bound
 
 
+def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, balance: str = 'sum', ratio: float = 0.1,
                    record: bool = False, reduce=None):
     """Backward (through the grad scaler for fp16), balance, clip, step -> (gradient norm before the clip, record).

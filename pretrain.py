@@ -20,13 +20,10 @@ import gzip
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
-from functools import partial
 
 import numpy as np
 import torch
@@ -34,9 +31,10 @@ import torch.nn.functional as F
 
 import shapes
 from clip_loss import contrastive_loss
+from fid import fd_clip
 from pretrained import CLIP_VOCAB, load_backbone, save_backbone, write_json
-from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, to_uint8
-from train import warmup_cosine_lr
+from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, to_uint8, warmup_cosine_lr
+from shapes import attribute_distributions, attribute_tv, rendered, to_input
 from var import VAR
 from vqvae import VQVAE
 
@@ -49,21 +47,6 @@ VAR_KWARGS = dict(vocab_size=1024, z_channels=16, depth=6, width=192, num_heads=
 CLIP_CFG = dict(embed_dim=64,
                 vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=6, width=128, layers=4, head_width=32),
                 text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3))
-
-
-def rendered(split: str, n: int, seed: int = 0, image_size: int = IMAGE_SIZE):
-    """(images uint8 (N, H, W, 3), the attribute dicts) of a split, rendered once (on every core)."""
-    items = shapes.make_split(split, n, seed)
-    if n < 2000:
-        return np.stack([shapes.render(a, image_size) for a in items]), items
-    with multiprocessing.get_context('spawn').Pool() as pool:
-        return np.stack(pool.map(partial(shapes.render, image_size=image_size), items, chunksize=500)), items
-
-
-def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
-    """An array goes to `device` (the CPU if None); a tensor stays where it is."""
-    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(images_uint8, device=device)
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int = 100) -> float:  # every stage decays to 5% of its lr
@@ -443,7 +426,6 @@ def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: b
     """Class-conditional samples at evaluate.py's and sample.py's settings (model.generate_images): the fraction the
     shape classifier names as their class; with_fd, also FD_clip of the samples and of VQVAE reconstructions, both
     against as many held-out renders (the reconstructions' FD is the floor the tokens set)."""
-    from evaluate import fd_clip
     from fid import ClipFeatures, feature_statistics
     classifier = shapes.load_shape_classifier(out).to(device)
     labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
@@ -469,24 +451,6 @@ def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: b
         report['attribute_tv_reconstructions'] = attribute_tv(seen['reconstructions'], seen['renders'])
         report['attributes_samples'], report['attributes_renders'] = seen['samples'], seen['renders']
     return report
-
-
-READ_ATTRIBUTES = tuple(a for a in shapes.ATTRIBUTES if a != 'shape')  # what read_attributes reads; shape = class
-
-
-def attribute_distributions(images: np.ndarray) -> dict:
-    """{attribute: {value: fraction of images}} as shapes.read_attributes reads (N, H, W, 3) uint8 images ('none'
-    where it finds no shape)."""
-    reads = [shapes.read_attributes(image) for image in images]
-    return {key: {value: round(count / len(images), 3) for value, count in
-                  sorted(Counter(r.get(key, 'none') for r in reads).items())} for key in READ_ATTRIBUTES}
-
-
-def attribute_tv(p: dict, q: dict) -> dict:
-    """{attribute: total variation distance between two attribute_distributions}: 0 the same, 1 disjoint; two samples
-    of one distribution still differ by a little (the reconstructions' figure in the VAR report)."""
-    return {key: round(0.5 * sum(abs(p[key].get(v, 0.0) - q[key].get(v, 0.0)) for v in p[key].keys() | q[key].keys()), 3)
-            for key in READ_ATTRIBUTES}
 
 
 def train_classifier(args):

@@ -38,9 +38,12 @@ Export it as an image folder that train.py reads like any other:
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
+from collections import Counter
+from functools import partial
 
 import numpy as np
 import torch
@@ -394,6 +397,39 @@ def attribute_accuracy(image, attrs, keys=ATTRIBUTES, shape_classifier=None):
     """Fraction of the attributes in attrs (restricted to keys) that the image shows."""
     matches = attribute_matches(image, attrs, keys, shape_classifier)
     return sum(matches.values()) / len(matches)
+
+
+def rendered(split, n, seed=0, image_size=IMAGE_SIZE):
+    """(images uint8 (N, H, W, 3), the attribute dicts) of a split, rendered once (on every core)."""
+    items = make_split(split, n, seed)
+    if n < 2000:
+        return np.stack([render(a, image_size) for a in items]), items
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        return np.stack(pool.map(partial(render, image_size=image_size), items, chunksize=500)), items
+
+
+def to_input(images_uint8, device=None) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]
+    """An array goes to `device` (the CPU if None); a tensor stays where it is."""
+    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(images_uint8, device=device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+READ_ATTRIBUTES = tuple(a for a in ATTRIBUTES if a != 'shape')  # what read_attributes reads; shape = class
+
+
+def attribute_distributions(images: np.ndarray) -> dict:
+    """{attribute: {value: fraction of images}} as read_attributes reads (N, H, W, 3) uint8 images ('none'
+    where it finds no shape)."""
+    reads = [read_attributes(image) for image in images]
+    return {key: {value: round(count / len(images), 3) for value, count in
+                  sorted(Counter(r.get(key, 'none') for r in reads).items())} for key in READ_ATTRIBUTES}
+
+
+def attribute_tv(p: dict, q: dict) -> dict:
+    """{attribute: total variation distance between two attribute_distributions}: 0 the same, 1 disjoint; two samples
+    of one distribution still differ by a little (the reconstructions' figure in the VAR report)."""
+    return {key: round(0.5 * sum(abs(p[key].get(v, 0.0) - q[key].get(v, 0.0)) for v in p[key].keys() | q[key].keys()), 3)
+            for key in READ_ATTRIBUTES}
 
 
 class ShapeClassifier(torch.nn.Module):

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from clip_loss import SemanticLoss
 from frame_prompt import PLACEMENTS, FramePrompt
-from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture, generate_images,
-                   init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step, parse_device, save_grid,
-                   save_prompt, teacher_forcing, write_config)
+from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture,
+                   generate_images, init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step,
+                   parse_device, save_grid, save_prompt, teacher_forcing, warmup_cosine_lr, write_config)
+from data import batches_of_epoch, build_dataset, epoch_loader
 from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable, lock_folder
 
 
@@ -202,35 +203,6 @@ def draw_panel(draw, x0: int, W: int, H: int, pad: int, smax: int, title: str, s
 # data, and the loop's plumbing
 
 
-def build_dataset(args, image_size: int):
-    if args.data is None:
-        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder) or --data shapes')
-    if args.data == 'shapes':
-        from shapes import ShapesDataset
-        return ShapesDataset('train', args.shapes_n, image_size=image_size, seed=args.seed)
-    from data import FolderDataset
-    dataset = FolderDataset(args.data, 'train', image_size, args.captions, args.class_names, train=True, seed=args.seed)
-    if args.captions and dataset.missing_captions:
-        print(f'{dataset.missing_captions} of {len(dataset)} images have no caption in {args.captions}: '
-              f'they use their sentence instead')
-    return dataset
-
-
-def batches_of_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int):
-    """This process's batches of one epoch: a seeded permutation, split across processes, the last partial batch dropped."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-    per_step = batch_size * world
-    return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, n - per_step + 1, per_step)]
-
-
-def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at step `total`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def log_row(line: str) -> Optional[dict]:
     """A row of log.jsonl, or None for a blank or torn line (a kill or a full disk can leave the last one half-written)."""
     try:
@@ -249,15 +221,6 @@ def stop_on_interrupt():
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def ignore_interrupts(worker_id: int):  # DataLoader workers: Ctrl-C is the main process's to handle (train.main)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def collate(items):
-    images, labels, sentences, captions = zip(*items)
-    return torch.stack(images), torch.tensor(labels), list(sentences), list(captions)
 
 
 class Process(NamedTuple):
@@ -416,19 +379,6 @@ def start_log(out_dir: str, step: int) -> str:
     return path
 
 
-def epoch_loader(dataset, args, step: int, steps_per_epoch: int, proc: Process):
-    """The batches of the epoch that `step` is in, from that step on: a resumed run sees the same batches."""
-    epoch, offset = divmod(step, steps_per_epoch)
-    if hasattr(dataset, 'epoch'):
-        dataset.epoch = epoch
-    batch_lists = batches_of_epoch(len(dataset), args.batch_size, epoch, args.seed, proc.rank, proc.world)[offset:]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
-                                       num_workers=args.num_workers, persistent_workers=False,
-                                       pin_memory=proc.device.type == 'cuda',  # host-to-GPU copies without a staging copy
-                                       worker_init_fn=ignore_interrupts,
-                                       generator=torch.Generator())  # not the global RNG: resume stays exact
-
-
 def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
     """Record, on the device and without waiting for it, the first step whose loss is not finite and that loss:
     watch_2 = (step or -1, loss). Reading it back syncs the host with the GPU, so the loop does that only where it
@@ -523,7 +473,9 @@ def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_
     # Ctrl-C: the loop saves and stops at the next step; an error ends the progress bar's line before it is printed
     with bar, stop_on_interrupt() as interrupted:
         while step < args.max_steps:
-            for images, labels, sentences, captions in epoch_loader(dataset, args, step, steps_per_epoch, proc):
+            for images, labels, sentences, captions in epoch_loader(dataset, args.batch_size, args.seed, args.num_workers,
+                                                                    step, steps_per_epoch, proc.rank, proc.world,
+                                                                    pin_memory=proc.device.type == 'cuda'):
                 images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
                 idx, x_BLCv = teacher_forcing(vae, images)
                 text_feats = clip.encode_text(captions) if args.t2i else None

@@ -18,7 +18,6 @@ from test_train_sample import (NO_SEMANTIC, SUBPROCESS_ENV, assert_one_line_erro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import model  # noqa: E402
 import pretrained  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402

@@ -34,7 +34,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
     var = report(pretrained_folder, 'var')
     assert 0 <= var['class_recognised'] <= 1 and var['samples'] == 2 * shapes.NUM_CLASSES
     assert var['fd_clip_samples'] > 0 and var['fd_clip_reconstructions'] > 0 and var['cfg'] == 1.5
-    assert set(var['attribute_tv_samples']) == set(pretrain.READ_ATTRIBUTES)
+    assert set(var['attribute_tv_samples']) == set(shapes.READ_ATTRIBUTES)
     assert all(0 <= tv <= 1 for tv in var['attribute_tv_reconstructions'].values())
     assert set(var['attributes_samples']['size']) <= {'small', 'medium', 'large', 'none'}
     assert all(len(var[f'ce_{s}_per_scale']) == len(pretrain.PATCH_NUMS) for s in ('train', 'heldout'))
@@ -50,7 +50,7 @@ def test_every_stage_reports_its_gate(pretrained_folder):
 
 def test_the_clip_stage_sees_a_quarter_of_its_batch_as_the_vqvae_decodes_coarse_partial_sums(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
-    x = pretrain.to_input(pretrain.rendered('test', 8, 0)[0])
+    x = shapes.to_input(shapes.rendered('test', 8, 0)[0])
     seen = pretrain.quarter_as_coarse_decodes(vae, x, np.random.default_rng(0))
     assert torch.equal(seen[2:], x[2:])  # three quarters untouched
     scales = np.random.default_rng(0).integers(2, 6, 2)  # the same draw: 0-based scales 2..K-2
@@ -63,12 +63,12 @@ def test_the_clip_stage_sees_a_quarter_of_its_batch_as_the_vqvae_decodes_coarse_
 def test_attribute_tv_is_zero_for_one_distribution_and_grows_as_one_attribute_moves():
     items = [a for a in shapes.make_split('test', 240, seed=1) if a['colour'] != 'white'][:200]
     renders = np.stack([shapes.render(a) for a in items])
-    seen = pretrain.attribute_distributions(renders)
+    seen = shapes.attribute_distributions(renders)
     assert all(abs(sum(fractions.values()) - 1) < 0.01 for fractions in seen.values())
-    assert pretrain.attribute_tv(seen, seen) == {key: 0.0 for key in pretrain.READ_ATTRIBUTES}
+    assert shapes.attribute_tv(seen, seen) == {key: 0.0 for key in shapes.READ_ATTRIBUTES}
     on_white = np.stack([shapes.render({**a, 'background': 'white'}) for a in items])
-    assert pretrain.attribute_distributions(on_white)['background'] == {'white': 1.0}
-    tv = pretrain.attribute_tv(pretrain.attribute_distributions(on_white), seen)
+    assert shapes.attribute_distributions(on_white)['background'] == {'white': 1.0}
+    tv = shapes.attribute_tv(shapes.attribute_distributions(on_white), seen)
     # every background white against about a quarter of the references' (white shapes left out)
     assert tv['background'] > 0.5 and tv['position'] < 0.1
 
@@ -253,7 +253,7 @@ def test_teacher_forced_ce_of_an_untrained_var_is_a_uniform_guess(pretrained_fol
     vae, _ = load_backbone(pretrained_folder)
     torch.manual_seed(0)
     untrained = pretrain.VAR(**pretrain.VAR_KWARGS).eval()
-    images, items = pretrain.rendered('test', 6)
+    images, items = shapes.rendered('test', 6)
     ce = pretrain.teacher_forced_ce(vae, untrained, images, [a['label'] for a in items], torch.device('cpu'))
     assert len(ce) == len(pretrain.PATCH_NUMS)
     assert all(abs(c - np.log(untrained.vocab_size)) < 0.1 for c in ce)  # near-zero logits: log V nats a token
@@ -261,7 +261,7 @@ def test_teacher_forced_ce_of_an_untrained_var_is_a_uniform_guess(pretrained_fol
 
 def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
-    images = pretrain.rendered('test', 20)[0]
+    images = shapes.rendered('test', 20)[0]
     perplexity = pretrain.code_perplexity(pretrain.tokenise(vae, images, 'cpu'), vae.vocab_size)
     assert perplexity[0] <= 20 and all(1 <= p <= min(20 * pn * pn, 1024) for p, pn in zip(perplexity, vae.patch_nums))
     blank = np.zeros_like(images)  # one image repeated: every scale's codes are the same at each position
@@ -270,7 +270,7 @@ def test_code_perplexity_counts_the_codes_a_scale_uses(pretrained_folder):
 
 def test_latent_energy_left_falls_to_the_reconstructions_error_and_stays_whole_when_nothing_is_quantized(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
-    x = pretrain.to_input(pretrain.rendered('test', 6)[0])
+    x = shapes.to_input(shapes.rendered('test', 6)[0])
     left = pretrain.latent_energy_left(vae, x, chunk=4)  # two chunks, summed before the ratio
     f = vae.quant_conv(vae.encoder(x)).float()
     f_hat = vae.quantize.residual_quantize(f)[1][-1]
@@ -287,7 +287,7 @@ def test_latent_energy_left_falls_to_the_reconstructions_error_and_stays_whole_w
 def test_a_coarse_partial_sum_is_the_quantizers_own_and_trains_codes_phis_and_encoder(pretrained_folder):
     vae, _ = load_backbone(pretrained_folder)
     vae = vae.float()
-    f = vae.quant_conv(vae.encoder(pretrain.to_input(pretrain.rendered('test', 4)[0]))).detach().requires_grad_(True)
+    f = vae.quant_conv(vae.encoder(shapes.to_input(shapes.rendered('test', 4)[0]))).detach().requires_grad_(True)
     scale_B = torch.tensor([0, 2, 5, 3])
     coarse = pretrain.coarse_partial_sums(vae.quantize, f, scale_B)
     f_hats = vae.quantize.residual_quantize(f)[1]

@@ -306,11 +306,12 @@ import os, sys
 sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
+import data
 import train
 
 dump_dir = os.environ['DUMP_DIR']
 captured, batch_calls = {{}}, []
-real_build_run, real_batches_of_epoch, real_destroy = train.build_run, train.batches_of_epoch, dist.destroy_process_group
+real_build_run, real_batches_of_epoch, real_destroy = train.build_run, data.batches_of_epoch, dist.destroy_process_group
 
 
 def build_run(*args, **kwargs):  # keep this rank's trained parts
@@ -332,7 +333,8 @@ def destroy_process_group(*args, **kwargs):  # train.main ends with this on ever
     return real_destroy(*args, **kwargs)
 
 
-train.build_run, train.batches_of_epoch, dist.destroy_process_group = build_run, batches_of_epoch, destroy_process_group
+train.build_run, dist.destroy_process_group = build_run, destroy_process_group
+train.batches_of_epoch = data.batches_of_epoch = batches_of_epoch  # the steps per epoch, and the epoch's loader
 train.main(sys.argv[1:])
 '''
 
