@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -899,17 +900,29 @@ def missing_packages() -> List[str]:
 
 
 def run_within(cmd: List[str], seconds: float, env: Optional[dict] = None) -> dict:
-    """A command with a time limit: {'rc', 'seconds', 'timed_out', 'tail'} (the last lines of its output)."""
+    """A command with a time limit: {'rc', 'seconds', 'timed_out', 'tail'} (the last lines of its output). On the
+    limit its whole process group goes (fullsize's workers, train.py's data workers), so nothing it started keeps the
+    GPU busy for the next part; a budget already spent times out at once."""
     t0 = time.time()
+    if seconds < 1:
+        return {'rc': None, 'seconds': 0.0, 'timed_out': True, 'tail': 'not started: the part\'s budget was spent'}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, seconds), cwd=REPO,
-                              env={**os.environ, **(env or {})})
-        rc, output, timed_out = proc.returncode, proc.stdout + proc.stderr, False
-    except subprocess.TimeoutExpired as e:
-        rc, timed_out = None, True
-        output = (e.stdout or b'').decode(errors='replace') if isinstance(e.stdout, bytes) else (e.stdout or '')
-    return {'rc': rc, 'seconds': round(time.time() - t0, 1), 'timed_out': timed_out,
-            'tail': '\n'.join(output.strip().splitlines()[-8:])}
+        output, timed_out = proc.communicate(timeout=seconds)[0], False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, timed_out = proc.communicate()[0], True
+    return {'rc': None if timed_out else proc.returncode, 'seconds': round(time.time() - t0, 1), 'timed_out': timed_out,
+            'tail': '\n'.join((output or '').strip().splitlines()[-8:])}
+
+
+def part_status(records) -> str:
+    """done when every run of a part ended well; timeout when one ran out of the budget; else failed."""
+    records = list(records)
+    if all(r.get('rc') == 0 for r in records):
+        return 'done'
+    return 'timeout' if any(r.get('timed_out') for r in records) else 'failed'
 
 
 def bench_json(name: str, flags: List[str], seconds: float, folder: str, tag: str) -> dict:
@@ -971,7 +984,7 @@ def train_part(dry: bool, seconds: float, folder: str) -> dict:
         runs[name] = run_within([sys.executable, 'train.py', *base, *extra, '--out_dir', out],
                                 seconds - (time.time() - t0))
         if runs[name]['rc'] != 0:
-            return {'status': 'timeout' if runs[name]['timed_out'] else 'failed', 'runs': runs}
+            return {'status': part_status([runs[name]]), 'runs': runs}
     ckpts = {k: torch.load(os.path.join(folder, f'train_{k}', 'ckpt.pt'), map_location='cpu', weights_only=True)
              for k in ('straight', 'resumed')}
     with open(os.path.join(folder, 'train_straight', 'log.jsonl')) as f:
@@ -995,7 +1008,7 @@ def device_part(part: str, args, dry: bool, seconds: float, folder: str) -> dict
         tests = ['tests/test_cuda.py'] + (['tests/test_official_parity.py'] if args.official else [])
         record = run_within([sys.executable, '-m', 'pytest', '-q', *tests], seconds,
                             env={'VAR_OFFICIAL': args.official} if args.official else None)
-        return {**record, 'status': 'done' if record['rc'] == 0 else 'timeout' if record['timed_out'] else 'failed'}
+        return {**record, 'status': part_status([record])}
     if part == 'train_d16':
         return train_part(dry, seconds, folder)
     if part in ('steps_d16', 'steps_d30', 'max_batch_d16', 'compile'):
@@ -1012,8 +1025,7 @@ def device_part(part: str, args, dry: bool, seconds: float, folder: str) -> dict
         for chunk in ('1', '4', '8'):
             record['chunks'][chunk] = step_part('mvp_semantic', 16, ['--semantic_chunk', chunk], dry,
                                                 seconds - (time.time() - t0), folder, f'chunk{chunk}')
-        done = all(r['rc'] == 0 for r in record['chunks'].values())
-        return {**record, 'status': 'done' if done else 'failed'}
+        return {**record, 'status': part_status(record['chunks'].values())}
     elif part == 'sampling_d16':
         record = {'runs': {}}
         t0 = time.time()
@@ -1024,11 +1036,10 @@ def device_part(part: str, args, dry: bool, seconds: float, folder: str) -> dict
             official = ['--official', args.official] if args.official and not dry and 'fp32' in tag else []
             record['runs'][tag] = bench_json('sampling', [*flags, '--kv', 'on', '--repeats', '1' if dry else '3',
                                                           *official], seconds - (time.time() - t0), folder, f'sampling_{tag}')
-        done = all(r['rc'] == 0 for r in record['runs'].values())
-        return {**record, 'status': 'done' if done else 'failed'}
+        return {**record, 'status': part_status(record['runs'].values())}
     else:
         raise ValueError(part)
-    return {**record, 'status': 'done' if record['rc'] == 0 else 'timeout' if record['timed_out'] else 'failed'}
+    return {**record, 'status': part_status([record])}
 
 
 def device_markdown(report: dict) -> str:
@@ -1051,6 +1062,13 @@ def device_markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def write_device_report(report: dict, out_dir: str, slug: str):
+    with open(os.path.join(out_dir, f'{slug}.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, f'{slug}.md'), 'w') as f:
+        f.write(device_markdown(report))
+
+
 @benchmark(add_args=device_args)
 def device(args) -> Optional[List[dict]]:
     """Every CUDA figure in one command (tests, train.py at d16, step tables, largest batch, chunks, compile, sampling)."""
@@ -1066,6 +1084,7 @@ def device(args) -> Optional[List[dict]]:
     if args.official and not os.path.isfile(os.path.join(args.official, 'models', 'var.py')):
         raise SystemExit(f'error: --official {args.official} is not a checkout of FoundationVision/VAR (no models/var.py)')
     device_name = 'cpu (dry run)' if args.dry_run else torch.cuda.get_device_name(0)
+    args.out_dir = os.path.abspath(args.out_dir)  # the parts run in the repository's folder
     os.makedirs(args.out_dir, exist_ok=True)
     work = os.path.join(args.out_dir, 'work')  # the parts' own files; the record is the .json and .md beside it
     shutil.rmtree(work, ignore_errors=True)
@@ -1074,23 +1093,24 @@ def device(args) -> Optional[List[dict]]:
     report = {'device': device_name, 'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
               'command': 'python bench.py device ' + ' '.join(sys.argv[2:]), 'env': environment(torch.device('cpu'
               if args.dry_run else 'cuda')), 'parts': {}}
+    slug = ''.join(c if c.isalnum() else '_' for c in device_name).strip('_')
     for part in parts:
         started = time.time()
         print(f'{part} (budget {DEVICE_PARTS[part]} s) ...', flush=True)
-        record = device_part(part, args, args.dry_run, DEVICE_PARTS[part], work)
+        try:
+            record = device_part(part, args, args.dry_run, DEVICE_PARTS[part], work)
+            for r in ([record] if 'result' in record else list(record.get('chunks', {}).values())):
+                add_throughput(r.get('result', {}), 2 if args.dry_run else 16, device_name)
+        except Exception as e:  # one broken part must not lose the others' figures
+            first_line = (str(e).strip().splitlines() or [''])[0][:300]
+            record = {'status': 'failed', 'note': f'{type(e).__name__}: {first_line}'}
         record.setdefault('seconds', round(time.time() - started, 1))
         if record['status'] == 'timeout':
             record['note'] = f'budget of {DEVICE_PARTS[part]} s spent: skipped the rest of this part'
-        for r in ([record] if 'result' in record else list(record.get('chunks', {}).values())):
-            add_throughput(r.get('result', {}), 2 if args.dry_run else 16, device_name)
         report['parts'][part] = record
+        report['seconds'] = round(time.time() - t0, 1)
+        write_device_report(report, args.out_dir, slug)  # after every part: a machine taken away keeps what was done
         print(f'{part}: {record["status"]} in {record["seconds"]} s', flush=True)
-    report['seconds'] = round(time.time() - t0, 1)
-    slug = ''.join(c if c.isalnum() else '_' for c in device_name).strip('_')
-    with open(os.path.join(args.out_dir, f'{slug}.json'), 'w') as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out_dir, f'{slug}.md'), 'w') as f:
-        f.write(device_markdown(report))
     shutil.rmtree(work, ignore_errors=True)
     print(f'wrote {os.path.join(args.out_dir, slug)}.json and .md in {report["seconds"]:.0f} s')
     return None

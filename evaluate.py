@@ -46,8 +46,9 @@ def fd_with_se(feats: np.ndarray, reference_stats, n_boot: int = 50, seed: int =
 def classifier_features(classifier, images_uint8: np.ndarray) -> np.ndarray:
     """The shape classifier's pooled features (N, 128) of uint8 images: the space of FD_cls, a judge no loss trains
     against (the miniature's Inception), where FD_clip is the training CLIP's own."""
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return torch.cat([classifier.pooled(x[i:i + 250]) for i in range(0, len(x), 250)]).double().numpy()
+    to_x = lambda part: torch.from_numpy(part).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return torch.cat([classifier.pooled(to_x(images_uint8[i:i + 250])) for i in range(0, len(images_uint8), 250)]
+                     ).double().numpy()
 
 
 def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)

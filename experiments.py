@@ -541,12 +541,17 @@ def collect(args, name: str, which: str):
 def gradient_record(log_path: str) -> dict:
     """From a run's log.jsonl: the median over its logged steps of each CLIP level's gradient norm over CE's (the
     weighted terms, before any balancing) and the percentage of logged steps where the clip bound; {} without one."""
+    rows = []
     try:
         with open(log_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a torn line (a run killed mid-write)
+                    continue
+    except OSError:
         return {}
-    rows = [r for r in rows if r.get('grad_ce')]
+    rows = [r for r in rows if isinstance(r, dict) and r.get('grad_ce')]
     if not rows:
         return {}
     record = {'clipped_pct': 100 * statistics.fmean(bool(r.get('clipped')) for r in rows)}

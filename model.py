@@ -394,15 +394,17 @@ def norm_of(grads) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def term_gradients(terms: dict, params, scale: float = 1.0, keep_graph: bool = False):
-    """{term: its gradient at params (a list like params)}, each term alone, through one shared graph (kept after the
-    last with keep_graph, for a backward of the sum). scale: the grad scaler's factor (fp16), divided out again."""
-    grads, names = {}, list(terms)
+def term_gradients(terms: dict, params, scale=1.0, keep_graph: bool = False, norms_only: bool = False) -> dict:
+    """{term: its gradient at params (a list like params), or with norms_only its norm alone}, each term through the
+    one shared graph (kept after the last with keep_graph, for a backward of the sum). scale: the grad scaler's
+    factor (fp16), divided out again."""
+    out, names = {}, list(terms)
     for i, name in enumerate(names):
         keep = keep_graph or i < len(names) - 1
         found = torch.autograd.grad(terms[name] * scale, params, retain_graph=keep, allow_unused=True)
-        grads[name] = [torch.zeros_like(p) if g is None else g / scale for p, g in zip(params, found)]
-    return grads
+        grads = [torch.zeros_like(p) if g is None else g / scale for p, g in zip(params, found)]
+        out[name] = norm_of(grads) if norms_only else grads  # norms only: no copy of a large model's gradient kept
+    return out
 
 
 def combine(grads: dict, balance: str, grad_clip: float, ratio: float):
@@ -430,20 +432,23 @@ def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: f
 
 def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, balance: str = 'sum', ratio: float = 0.1,
                    record: bool = False, reduce=None):
-    """Backward (through the grad scaler for fp16), balance, clip, step -> (gradient norm before the clip, record).
+    """Backward (through the grad scaler for fp16), balance, clip, step -> (the update's gradient norm before the
+    global clip, record).
     record: {'grad_<term>': each term's gradient norm at the trainable parameters, 'clipped': whether a clip bound},
     taken from each term's own backward (the logged steps only, in the 'sum' balance: it costs a backward per term).
     reduce: averages a gradient list over DDP's processes, where the gradients were taken term by term."""
     optimizer.zero_grad(set_to_none=True)
-    per_term = balance != 'sum' or record
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-    grads = term_gradients(terms, params, scale, keep_graph=balance == 'sum') if per_term else None
-    if grads is not None and reduce is not None and balance != 'sum':
-        grads = {name: reduce(g) for name, g in grads.items()}
+    # the scaler's factor as a tensor: scale() also sets the scaler up, which unscale_ needs (fp16)
+    scale = scaler.scale(torch.ones((), device=params[0].device)) if scaler.is_enabled() else 1.0
     if balance == 'sum':
+        norms = term_gradients(terms, params, scale, keep_graph=True, norms_only=True) if record else {}
         scaler.scale(sum(terms.values())).backward()  # Eq. 9
         bound = False
     else:
+        grads = term_gradients(terms, params, scale)
+        if reduce is not None:
+            grads = {name: reduce(g) for name, g in grads.items()}
+        norms = {name: norm_of(g) for name, g in grads.items()}
         total, bound = combine(grads, balance, grad_clip, ratio)
         for p, g in zip(params, total):
             p.grad = (g * scale).to(p.dtype)  # scaled again: unscale_ below checks it for inf / NaN as it does a backward's
@@ -454,6 +459,6 @@ def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, bal
     scaler.update()
     if not record:
         return grad_norm, {}
-    row = {f'grad_{name}': norm_of(g).item() for name, g in grads.items()}
+    row = {f'grad_{name}': n.item() for name, n in norms.items()}
     row['clipped'] = bound or (balance != 'clip_each' and grad_norm.item() > grad_clip)
     return grad_norm, row

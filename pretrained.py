@@ -192,6 +192,9 @@ def lock_folder(folder: str):
         handle.close()
         raise ValueError(f'--out_dir {folder} is in use by a live run ({holder}): wait for it to end, or choose '
                          f'another --out_dir') from None
+    except OSError as e:
+        handle.close()
+        raise ValueError(f'--out_dir {folder}: cannot lock it for this run ({e.strerror})') from None
     handle.seek(0)
     handle.truncate()
     handle.write(f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')

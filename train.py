@@ -157,9 +157,10 @@ def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'),
     a contrastive loss pays for guessing; `grad_clip` in the gradients' panel."""
     with open(log_path) as f:
         rows = [row for line in f if (row := log_row(line)) is not None]
-    panels = [(k, {k: [(r['step'], r[k]) for r in rows if k in r]}, (guess, 'log B') if k in ('sen', 'cap') else None)
-              for k in keys if any(k in r for r in rows)]
-    grads = {k: [(r['step'], math.log10(max(r[k], 1e-12))) for r in rows if k in r] for k in GRAD_KEYS}
+    finite = lambda k: [(r['step'], r[k]) for r in rows if math.isfinite(r.get(k, math.nan))]  # a skipped fp16 step
+    panels = [(k, {k: finite(k)}, (guess, 'log B') if k in ('sen', 'cap') else None) for k in keys if finite(k)]
+    grads = {k: [(r['step'], math.log10(max(r[k], 1e-12))) for r in rows if math.isfinite(r.get(k, math.nan))]
+             for k in GRAD_KEYS}
     if any(grads.values()):
         clip_line = (math.log10(grad_clip), 'clip') if grad_clip else None
         panels.append(('log10 gradient norm: ce blue, sen orange, cap green', {k: v for k, v in grads.items() if v},
@@ -280,7 +281,7 @@ def claim_out_dir(out_dir: str, proc: Process):
     if proc.master:
         try:
             lock = lock_folder(out_dir)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: a file system without locks; every rank must hear of it
             refusal = str(e)
     if proc.ddp:
         shared = [refusal]
@@ -452,6 +453,8 @@ def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_
                             args.gumbel, chunk) if semantic_on else None
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
+    if args.compile:  # the gradient record and --balance take several backwards through one compiled graph, which
+        torch._functorch.config.donated_buffer = False  # a compiled backward refuses while it donates its buffers
     forward_var = torch.compile(var) if args.compile else var
     trainable = list(parts.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)

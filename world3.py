@@ -53,7 +53,7 @@ TYPICAL_COLOUR = dict(zip(CLASS_NAMES, ["yellow", "cyan", "red", "blue", "pink",
 TYPICAL_SHARE = 0.6
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125), "navy": (25, 35, 85)}
 TEXTURES = ("plain", "striped", "dotted")
-SHADE = 0.28  # a texture's two shades: the colour times 1 +- SHADE, in equal parts, so their mean is the colour
+SHADE = 48.0  # a texture's two shades: the colour +- SHADE per channel (less near 0 or 255), so their mean is the colour
 AREA = (0.26, 0.40)  # the silhouette's share of the image
 MAX_SHIFT = 0.06  # centre jitter, fraction of the side
 MAX_ANGLE = 10.0
@@ -98,7 +98,8 @@ def texture_shades(item, size: int) -> np.ndarray:
         sign = np.where(yy % 2 == 0, 1.0, -1.0)  # 1-pixel horizontal lines
     else:
         sign = np.where((yy + xx) % 2 == 0, 1.0, -1.0)  # a 1-pixel checker of dots
-    return np.clip(colour * (1 + SHADE * sign[..., None]), 0, 255)
+    amplitude = np.minimum(SHADE, np.minimum(colour, 255 - colour))  # symmetric: no clipping moves the mean
+    return colour + amplitude * sign[..., None]
 
 
 def render(item, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -118,8 +119,10 @@ def render(item, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def area_downsample(images_uint8: np.ndarray, side: int = KAPPA_SIDE) -> np.ndarray:
-    """What a view at kappa's resolution holds: each image area-averaged to side x side (uint8 in, float out)."""
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float()
+    """What a view at kappa's resolution holds: each image low-passed to side x side (uint8 in, float out). A 2x2
+    mean first, then area resampling: 32 -> 12 px alone would average 1-pixel lines over windows of 2 and 3 pixels,
+    and leave them half visible, which no low-pass view at 12 px would."""
+    x = F.avg_pool2d(torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float(), 2)
     return F.adaptive_avg_pool2d(x, side).permute(0, 2, 3, 1).numpy()
 
 

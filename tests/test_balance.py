@@ -44,11 +44,11 @@ def separate_gradients(parts, terms):
     return grads
 
 
-def step(parts, terms, balance, record=True, grad_clip=1.0, ratio=0.1):
+def step(parts, terms, balance, record=True, grad_clip=1.0, ratio=0.1, scaler=None):
     """One optimizer_step with plain SGD at lr 1: the update is minus the gradient it applied."""
     before = parts.prompt.tokens.detach().clone()
     optimizer = torch.optim.SGD(parts.parameters(), lr=1.0)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    scaler = scaler or torch.amp.GradScaler('cpu', enabled=False)
     grad_norm, row = optimizer_step(terms(), optimizer, scaler, list(parts.parameters()), grad_clip, balance, ratio,
                                     record=record)
     applied = before - parts.prompt.tokens.detach()
@@ -106,3 +106,14 @@ def test_clip_each_clips_every_loss_on_its_own(tiny_vae, tiny_var, tiny_clip):
     expected = sum(v * min(1.0, clip / (norms[k] + 1e-6)) for k, v in g.items())
     torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-7)
     assert row['clipped'] is True
+
+
+@pytest.mark.parametrize('balance', ['sum', 'clip_each', 'normalize'])
+def test_a_grad_scaler_leaves_every_balance_unchanged(tiny_vae, tiny_var, tiny_clip, balance):
+    """fp16 training goes through a grad scaler: the update and the record must be those without it."""
+    parts, terms = setup(tiny_vae, tiny_var, tiny_clip)
+    plain, _, plain_row = step(parts, terms, balance, grad_clip=0.05)
+    scaled, _, scaled_row = step(parts, terms, balance, grad_clip=0.05,
+                                 scaler=torch.amp.GradScaler('cpu', init_scale=1024.0, enabled=True))
+    torch.testing.assert_close(scaled, plain, rtol=1e-4, atol=1e-8)
+    assert scaled_row == pytest.approx(plain_row, rel=1e-4)
