@@ -386,7 +386,7 @@ def mvp_loss(var, model, semantic: Optional[SemanticLoss], idx, x_BLCv, labels, 
 
 # How the terms' gradients make one update (--balance): 'sum' is Eq. 9 as written, one clip on the total; 'clip_each'
 # clips each term's gradient on its own; 'normalize' rescales each semantic level's gradient to `ratio` times CE's norm,
-# so the CLIP losses steer the direction without drowning CE (their raw gradients are 10-150x CE's: docs/balance.md).
+# so the CLIP losses steer the direction without drowning CE (their raw gradients dwarf CE's: docs/balance.md).
 BALANCES = ('sum', 'clip_each', 'normalize')
 
 

@@ -38,11 +38,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from clip_loss import SemanticLoss
+from data import batches_of_epoch, build_dataset, epoch_loader
 from frame_prompt import PLACEMENTS, FramePrompt
 from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture,
                    generate_images, init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step,
                    parse_device, save_grid, save_prompt, teacher_forcing, warmup_cosine_lr, write_config)
-from data import batches_of_epoch, build_dataset, epoch_loader
 from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable, lock_folder
 
 
