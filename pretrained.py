@@ -164,6 +164,10 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ''):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise WriteError(f'cannot write {path}: {write_failure(e, path)}; the file there (if any) is as it was') from None
+    except BaseException:  # Ctrl-C mid-write: no partial file either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_failure(error: BaseException, path: str) -> str:
