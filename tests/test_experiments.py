@@ -95,7 +95,8 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     # --records keeps each finished run's small records, from which a new machine (no run folders) resumes
     records = str(tmp_path / 'records')
     assert experiments.main([*argv, '--records', records]) == 0
-    assert sorted(os.listdir(os.path.join(records, 'mvp', 'seed0'))) == ['config.json', 'eval.json', 'run.json']
+    kept = sorted(os.listdir(os.path.join(records, 'mvp', 'seed0')))
+    assert kept == ['config.json', 'eval.json', 'log.jsonl', 'run.json']  # the log: the losses and the gradient record
     shutil.rmtree(out)
     capsys.readouterr()
     assert experiments.main([*argv, '--records', records]) == 0
