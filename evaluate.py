@@ -46,9 +46,8 @@ def fd_with_se(feats: np.ndarray, reference_stats, n_boot: int = 50, seed: int =
 def classifier_features(classifier, images_uint8: np.ndarray) -> np.ndarray:
     """The shape classifier's pooled features (N, 128) of uint8 images: the space of FD_cls, a judge no loss trains
     against (the miniature's Inception), where FD_clip is the training CLIP's own."""
-    to_x = lambda part: torch.from_numpy(part).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return torch.cat([classifier.pooled(to_x(images_uint8[i:i + 250])) for i in range(0, len(images_uint8), 250)]
-                     ).double().numpy()
+    return torch.cat([classifier.pooled(shapes.to_input(images_uint8[i:i + 250]))
+                      for i in range(0, len(images_uint8), 250)]).double().numpy()
 
 
 def mean_with_se(values) -> tuple:  # (mean, standard error of the mean)

@@ -407,9 +407,9 @@ def term_gradients(terms: dict, params, scale=1.0, keep_graph: bool = False, nor
     return out
 
 
-def combine(grads: dict, balance: str, grad_clip: float, ratio: float):
-    """One update direction from the terms' gradients (BALANCES) -> (gradient list, whether a clip bound)."""
-    norms = {name: norm_of(g) for name, g in grads.items()}
+def combine(grads: dict, norms: dict, balance: str, grad_clip: float, ratio: float):
+    """One update direction from the terms' gradients and their norms (BALANCES) -> (gradient list, whether a clip
+    bound)."""
     if balance == 'clip_each':
         factors = {name: torch.clamp(grad_clip / (n + 1e-6), max=1.0) for name, n in norms.items()}
         bound = any(bool(n > grad_clip) for n in norms.values())
@@ -449,7 +449,7 @@ def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, bal
         if reduce is not None:
             grads = {name: reduce(g) for name, g in grads.items()}
         norms = {name: norm_of(g) for name, g in grads.items()}
-        total, bound = combine(grads, balance, grad_clip, ratio)
+        total, bound = combine(grads, norms, balance, grad_clip, ratio)
         for p, g in zip(params, total):
             p.grad = (g * scale).to(p.dtype)  # scaled again: unscale_ below checks it for inf / NaN as it does a backward's
     scaler.unscale_(optimizer)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from shapes import _cross, _crescent, _normalise, _regular, _star
+from shapes import _cross, _crescent, _normalise, _regular, _star, to_input
 
 IMAGE_SIZE = 32
 KAPPA_SIDE = 12  # pixels that scale kappa's 3x3 map covers: 3 tokens x the VQVAE's 4x downsampling
@@ -149,10 +149,6 @@ class Judge(nn.Module):
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(img_B3HW))
-
-
-def to_input(images) -> torch.Tensor:  # (B, H, W, 3) uint8 or float in [0, 255] -> (B, 3, H, W) in [-1, 1]
-    return torch.as_tensor(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def train_judge(images: np.ndarray, targets: np.ndarray, num_outputs: int, epochs: int = 5, seed: int = 0) -> Judge:
