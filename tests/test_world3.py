@@ -1,0 +1,82 @@
+"""The shapes world v3 (world3.py) and its pretraining (pretrain3.py) at tiny sizes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import world3
+from shapes import to_input
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_texture_keeps_the_colour_on_average_and_vanishes_at_kappas_resolution():
+    item = dict(world3.make_split('train', 1)[0], colour='red', background='white', shape='square')
+    items = [dict(item, texture=t) for t in world3.TEXTURES]
+    for t in items:  # two shades whose mean is the colour, at full resolution
+        assert np.allclose(world3.texture_shades(t, 32).reshape(-1, 3).mean(0), world3.COLOURS['red'])
+    full = np.stack([world3.render(t).astype(float) for t in items])
+    coarse = world3.area_downsample(np.stack([world3.render(t) for t in items]))
+    assert np.abs(full[1] - full[0]).max() > 40  # striped differs from plain in the render
+    inside = (slice(4, 8), slice(4, 8))  # the shape's inside at 12 px, away from its edge
+    assert np.abs(coarse[1] - coarse[0])[inside].max() < 1 and np.abs(coarse[2] - coarse[0])[inside].max() < 1
+
+
+def test_splits_are_deterministic_and_captions_varied():
+    a, b = world3.make_split('train', 64, seed=0), world3.make_split('train', 64, seed=0)
+    assert a == b and a != world3.make_split('test', 64, seed=0)
+    captions = [world3.caption(x) for x in a]
+    assert len(set(captions[:16])) == 16  # a batch of 16 repeats no caption
+    words = set(world3.world_words())
+    assert all(set(c.split()) <= words for c in captions)
+    assert [x['label'] for x in a[:10]] == list(range(10))
+
+
+def test_the_judge_reads_every_attribute_and_learns_them():
+    images, items = world3.rendered('train', 600)
+    judge = world3.train_judge(images, items, epochs=4)
+    heads = world3.logits_of(judge(to_input(images[:5])))
+    assert {a: h.shape[1] for a, h in heads.items()} == {a: len(v) for a, v in world3.VALUES.items()}
+    read = world3.accuracies(judge, to_input(images), items)
+    assert read['background'] > 0.8 and read['shape'] > 0.2  # 4 epochs of 600 renders; chance 0.29 and 0.1
+
+
+def run_pretrain3(out, *flags):
+    tiny = ['--out', str(out), '--judge_n', '100', '--judge_epochs', '1', '--gate_n', '20', '--n_train', '64',
+            '--vae_steps', '2', '--clip_steps', '2', '--var_steps', '2', '--clip_batch', '8', '--var_batch', '4',
+            '--log_every', '1', '--ckpt_every', '1', '--device', 'cpu', '--dtype', 'fp32']
+    return subprocess.run([sys.executable, 'pretrain3.py', *tiny, *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_pretrain3_writes_every_gate_and_stops_at_the_first_missed(tmp_path):
+    result = run_pretrain3(tmp_path)
+    assert result.returncode != 0 and 'gate G0 missed' in result.stderr.strip().splitlines()[-1]  # a 1-epoch judge
+    result = run_pretrain3(tmp_path, '--keep_going')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '[judge] finished earlier' in result.stdout  # the finished stage is not trained again
+    reports = {s: json.load(open(tmp_path / f'report_{s}.json')) for s in ('judge', 'vqvae', 'clip', 'var')}
+    assert {'at_kappa', 'full', 'chance', 'G0_met'} <= set(reports['judge'])
+    assert {'heldout_psnr_db', 'own_tokens_at_kappa', 'judge_on_reconstructions', 'G1_met'} <= set(reports['vqvae'])
+    assert {'image_to_caption_top1', 'names_class_at_kappa', 'G2_met'} <= set(reports['clip'])
+    assert {'class_recognised', 'fd_judge_samples', 'fd_ratio', 'is_judge', 'precision', 'recall',
+            'sentence_loss_teacher_forced', 'G3_met'} <= set(reports['var'])
+    assert reports['var']['guessing_level'] == pytest.approx(np.log(16), abs=1e-3)
+    for name in ('judge.pth', 'vqvae.pth', 'var.pth', 'backbone.json', 'clip', 'renders.png'):
+        assert (tmp_path / name).exists()
+    assert not os.listdir(tmp_path / 'resume')  # every finished stage removed its state
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--gate_n', '15'], '--gate_n must be a multiple of 10'),
+    (['--stage', 'clip'], '--stage clip: no judge.pth, backbone.json, vqvae.pth in --out'),
+    (['--vae_steps', '0'], '--vae_steps must be positive'),
+])
+def test_pretrain3_bad_input_is_one_line(tmp_path, flags, message):
+    result = run_pretrain3(tmp_path / 'out', *flags)
+    assert result.returncode != 0 and result.stderr.strip().startswith(f'error: {message}')
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'out').exists()
