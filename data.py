@@ -120,7 +120,10 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def build_dataset(args, image_size: int):
     if args.data is None:
-        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder) or --data shapes')
+        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder), --data shapes or world3')
+    if args.data == 'world3':
+        from world3 import Dataset
+        return Dataset('train', args.shapes_n, seed=args.seed)
     if args.data == 'shapes':
         from shapes import ShapesDataset
         return ShapesDataset('train', args.shapes_n, image_size=image_size, seed=args.seed)

@@ -35,7 +35,7 @@ from vqvae import VQVAE
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 8x8 latents of 32 px at 4x downsampling; kappa = floor(0.6 * 6) = 3
 KAPPA = inter_anchor(0.6, len(PATCH_NUMS))
-VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
+VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
                   norm_groups=8)
 VAR_KWARGS = dict(vocab_size=512, z_channels=16, depth=4, width=128, num_heads=4, num_classes=world3.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
@@ -152,11 +152,11 @@ def coarse_partial_sums(quantizer, f: torch.Tensor, scale_B: torch.Tensor) -> to
 
 
 def coarse_targets(x: torch.Tensor, scale_B: torch.Tensor, vae) -> torch.Tensor:
-    """Each image (B, 3, H, W) as scale k can draw it (scale_B, 0-based): area-downsampled to the pixels pn x pn tokens
-    cover at the last scale's density, bicubic back up."""
+    """Each image (B, 3, H, W) as scale k can draw it (scale_B, 0-based): low-passed to the pixels pn x pn tokens cover
+    at the last scale's density (as G0's view at kappa), bicubic back up."""
     rows = []
     for b, k in enumerate(scale_B.tolist()):
-        small = F.adaptive_avg_pool2d(x[b:b + 1], vae.patch_nums[k] * vae.downsample)
+        small = world3.low_pass(x[b:b + 1], vae.patch_nums[k] * vae.downsample)
         rows.append(F.interpolate(small, size=x.shape[-2:], mode='bicubic', align_corners=False).clamp(-1, 1))
     return torch.cat(rows)
 
@@ -187,7 +187,8 @@ def train_vqvae(args):
     torch.manual_seed(args.seed)
     device = args.device
     train_images = torch.as_tensor(world3.rendered('train', args.n_train, args.seed)[0], device=device)
-    vae = VQVAE(**VAE_KWARGS).to(device).train()
+    vae_kwargs = dict(VAE_KWARGS, ch=args.vae_ch)
+    vae = VQVAE(**vae_kwargs).to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
     steps, B = args.vae_steps, args.vae_batch
     rng = np.random.default_rng(args.seed)
@@ -212,7 +213,7 @@ def train_vqvae(args):
             log('vqvae', step, steps, resume.start, loss=loss.item(), vq=vq_loss.item(), coarse=coarse_loss.item(),
                 psnr=psnr(rec.clamp(-1, 1), x), usage=vae.quantize.codebook_usage())
         resume.maybe_save(step + 1, steps, vae, opt, rng)
-    save_backbone(args.out, vae.cpu().eval(), VAE_KWARGS, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
+    save_backbone(args.out, vae.cpu().eval(), vae_kwargs, VAR(**VAR_KWARGS), VAR_KWARGS)  # a placeholder VAR until --stage var
     resume.finish()
     write_report(args.out, 'vqvae', {**evaluate_vqvae(args), 'steps': steps, 'seconds': resume.seconds()})
 
@@ -382,6 +383,8 @@ def train_var(args):
     torch.manual_seed(args.seed)
     device = args.device
     vae, _ = load_backbone(args.out, device=device)
+    with open(os.path.join(args.out, 'backbone.json')) as f:
+        vae_kwargs = json.load(f)['vqvae']
     idx_all, labels = var_training_tokens(args, vae)
     var = VAR(**VAR_KWARGS).to(device).train()
     decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'emb' not in n and 'pos' not in n]
@@ -408,7 +411,7 @@ def train_var(args):
         if step % args.log_every == 0 or step == steps - 1:
             log('var', step, steps, resume.start, loss=loss.item())
         resume.maybe_save(step + 1, steps, var, opt, rng)
-    save_backbone(args.out, vae.cpu(), VAE_KWARGS, var.cpu().eval(), VAR_KWARGS)
+    save_backbone(args.out, vae.cpu(), vae_kwargs, var.cpu().eval(), VAR_KWARGS)
     resume.finish()
     os.remove(os.path.join(args.out, 'resume', 'var_tokens.pt'))
     write_report(args.out, 'var', {**evaluate_var(args), 'steps': steps, 'seconds': resume.seconds()})
@@ -485,7 +488,7 @@ STAGES = {'judge': (train_judge_stage, evaluate_judge), 'vqvae': (train_vqvae, e
 READS = {'judge': (), 'vqvae': ('judge.pth',), 'clip': ('judge.pth', 'backbone.json', 'vqvae.pth'),
          'var': ('judge.pth', 'backbone.json', 'vqvae.pth', 'clip')}
 WRITES = {'judge': ('judge.pth',), 'vqvae': ('backbone.json', 'vqvae.pth'), 'clip': ('clip',), 'var': ('var.pth',)}
-POSITIVE = ('n_train', 'judge_n', 'judge_epochs', 'gate_n', 'vae_steps', 'vae_batch', 'vae_lr', 'clip_steps',
+POSITIVE = ('n_train', 'judge_n', 'judge_epochs', 'gate_n', 'vae_ch', 'vae_steps', 'vae_batch', 'vae_lr', 'clip_steps',
             'clip_batch', 'clip_lr', 'var_steps', 'var_batch', 'var_lr', 'ckpt_every', 'log_every')
 
 
@@ -538,6 +541,7 @@ def main(argv=None):
     p.add_argument('--vae_steps', type=int, default=3000)
     p.add_argument('--vae_batch', type=int, default=32)
     p.add_argument('--vae_lr', type=float, default=2e-3)
+    p.add_argument('--vae_ch', type=int, default=16, help='the VQVAE\'s base width (channels ch, 2ch, 4ch)')
     p.add_argument('--vae_coarse_weight', type=float, default=1.0, help='weight of the partial-sum loss')
     p.add_argument('--clip_steps', type=int, default=2000)
     p.add_argument('--clip_batch', type=int, default=256)

@@ -22,8 +22,7 @@ def test_a_texture_keeps_the_colour_on_average_and_vanishes_at_kappas_resolution
     full = np.stack([world3.render(t).astype(float) for t in items])
     coarse = world3.area_downsample(np.stack([world3.render(t) for t in items]))
     assert np.abs(full[1] - full[0]).max() > 40  # striped differs from plain in the render
-    inside = (slice(4, 8), slice(4, 8))  # the shape's inside at 12 px, away from its edge
-    assert np.abs(coarse[1] - coarse[0])[inside].max() < 1 and np.abs(coarse[2] - coarse[0])[inside].max() < 1
+    assert np.abs(coarse[1] - coarse[0]).max() < 0.01 and np.abs(coarse[2] - coarse[0]).max() < 0.01  # edges too
 
 
 def test_splits_are_deterministic_and_captions_varied():
