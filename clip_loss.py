@@ -154,6 +154,9 @@ class EmbedInChunks(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
         grads = []
         for part, grad in zip(f_hat.split(ctx.chunk), grad_features.split(ctx.chunk)):
+            if not grad.any():  # e.g. the caption level's images in the sentence loss's own backward (--balance)
+                grads.append(torch.zeros_like(part))
+                continue
             with torch.autocast(device, dtype=dtype, enabled=enabled):
                 leaf, features = EmbedInChunks.embed_with_grad(ctx.embed, part)
             grads.append(torch.autograd.grad(features, leaf, grad)[0])

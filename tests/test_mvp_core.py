@@ -798,6 +798,25 @@ def test_chunked_semantic_loss_is_the_same_loss_and_gradient(tiny_vae, tiny_var,
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_chunks_without_gradient_are_not_recomputed(tiny_vae, tiny_clip):
+    """One level's own backward (the gradient record, --balance) sends no gradient to the other level's images: those
+    chunks are skipped in the recompute, and the input's gradient is what a full recompute gives, bit for bit."""
+    from clip_loss import EmbedInChunks
+    semantic = SemanticLoss(tiny_clip, tiny_vae, beta=0.6)
+    f_hat = torch.randn(4, tiny_vae.Cvae, tiny_vae.patch_nums[-1], tiny_vae.patch_nums[-1])
+    weights = torch.cat((torch.randn(2, tiny_clip.model.visual.output_dim), torch.zeros(2, tiny_clip.model.visual.output_dim)))
+    calls, grads = [], []
+    counting = lambda part: calls.append(len(part)) or semantic.embed(part)
+    for embed in (counting, semantic.embed):
+        leaf = f_hat.clone().requires_grad_(True)
+        feats = EmbedInChunks.apply(leaf, embed, 2) if embed is counting else \
+            torch.cat([embed(part) for part in leaf.split(2)])
+        (feats * weights).sum().backward()
+        grads.append(leaf.grad)
+    assert calls == [2, 2, 2]  # the forward's two chunks, then only the first chunk again in the backward
+    assert torch.equal(grads[0], grads[1]) and grads[0][2:].abs().sum() == 0 and grads[0][:2].abs().sum() > 0
+
+
 def test_conv_layout_changes_speed_not_values(tiny_vae):
     """set_conv_layout: channels_last for reduced precision, back to the default for fp32, whose images stay bit for bit
     what they were (the official code's); the parameters' values never change."""
