@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TEXT_CHUNK = 32  # texts go through the text tower this many at a time (FrozenClip.encode_text)
-TEXT_CACHE_SIZE = 200_000  # text features kept (about 400 MB at D = 512)
+TEXT_CACHE_SIZE = 200_000  # text features kept: bounded, since a dataset's captions may not fit in memory
 
 
 class FrozenClip(nn.Module):
@@ -59,8 +59,8 @@ class FrozenClip(nn.Module):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:  # (B, D), unit norm, cached per string
         """A text's features are a function of the text alone: fp32 whatever the autocast around, in chunks of exactly
         TEXT_CHUNK texts (padded), since a matrix kernel's rounding can depend on the batch it runs in. So a resumed
-        run computes the same features as an uninterrupted one, and the cache (oldest out past TEXT_CACHE_SIZE: 1.28M
-        ImageNet captions would fill 2.6 GB) only saves time."""
+        run computes the same features as an uninterrupted one, and the cache (oldest out past TEXT_CACHE_SIZE) only
+        saves time."""
         missing = sorted({t for t in texts if t not in self.text_cache})
         device = self.mean.device
         with torch.autocast(device.type, enabled=False):

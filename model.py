@@ -103,7 +103,7 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16} 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fp16 where bf16 is missing); on the CPU bf16 where oneDNN has bf16 matrix kernels (AVX512-BF16 or
-    AMX: a 1.3x faster shapes-world step here), else fp32."""
+    AMX), else fp32, since without them bf16 is emulated and slower than fp32 (docs/benchmarks.md)."""
     if device.type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -126,8 +126,7 @@ def parse_device(name: str) -> torch.device:
 
 def set_conv_layout(vae, dtype: torch.dtype):
     """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
-    cuDNN's fast convolution kernels want it (2x faster decoding at 256 px on this project's CPU: bench.py sampling),
-    and in the default layout for fp32, whose results match the official code bit for bit. The values stay the same."""
+    cuDNN's fast convolution kernels want it (bench.py sampling measures the gain), and in the default layout for fp32, whose results match the official code bit for bit. The values stay the same."""
     vae.to(memory_format=torch.channels_last if dtype != torch.float32 else torch.contiguous_format)
 
 
@@ -135,8 +134,8 @@ def set_conv_layout(vae, dtype: torch.dtype):
 def cast_once(*modules: nn.Module):
     """Inside one autocast region, each fp32 weight is cast to bf16/fp16 once instead of at every use: autocast caches
     the cast only for leaf tensors that require grad, so the frozen weights are marked so for the duration (under
-    no_grad nothing records a graph). Without it, sampling VAR-d16 re-casts every linear layer's weight at each of the
-    10 scales: 45% of its time on this project's CPU (bench.py sampling). The values computed are the same."""
+    no_grad nothing records a graph). Without it, sampling re-casts every linear layer's weight at each scale, a large
+    share of its time (bench.py sampling). The values computed are the same."""
     frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
