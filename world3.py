@@ -53,6 +53,7 @@ TYPICAL_COLOUR = dict(zip(CLASS_NAMES, ["yellow", "cyan", "red", "blue", "pink",
 TYPICAL_SHARE = 0.6
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125), "navy": (25, 35, 85)}
 TEXTURES = ("plain", "striped", "dotted")
+TEXTURE_PERIOD = 6  # pixels; not a divisor of the VQVAE's 4-pixel token, so neighbouring tokens differ (below)
 SHADE = 48.0  # a texture's two shades: the colour +- SHADE per channel (less near 0 or 255), so their mean is the colour
 AREA = (0.26, 0.40)  # the silhouette's share of the image
 MAX_SHIFT = 0.06  # centre jitter, fraction of the side
@@ -97,15 +98,18 @@ def world_words() -> list:
 
 
 def texture_shades(item, size: int) -> np.ndarray:
-    """(H, W, 3) float: the shape's colour with its texture, two shades of mean equal to the colour."""
+    """(H, W, 3) float: the shape's colour with its texture: thin pairs of a light and a dark line (striped) or small
+    light-dark checkers (dotted) every TEXTURE_PERIOD pixels, each pair inside one 2x2 block, so the shades average to
+    the colour in every block."""
     colour = np.array(COLOURS[item['colour']], dtype=np.float32)
     yy, xx = np.mgrid[:size, :size]
+    pair = lambda v: np.select([v % TEXTURE_PERIOD == 0, v % TEXTURE_PERIOD == 1], [1.0, -1.0], 0.0)  # + then -
     if item['texture'] == 'plain':
         sign = np.zeros((size, size))
     elif item['texture'] == 'striped':
-        sign = np.where(yy % 2 == 0, 1.0, -1.0)  # 1-pixel horizontal lines
+        sign = pair(yy)  # horizontal line pairs
     else:
-        sign = np.where((yy + xx) % 2 == 0, 1.0, -1.0)  # a 1-pixel checker of dots
+        sign = pair(yy) * pair(xx)  # 2x2 checkers on a grid
     amplitude = np.minimum(SHADE, np.minimum(colour, 255 - colour))  # symmetric: no clipping moves the mean
     return colour + amplitude * sign[..., None]
 
