@@ -76,6 +76,8 @@ def test_pretrain3_writes_every_gate_and_stops_at_the_first_missed(tmp_path):
     (['--vae_steps', '0'], '--vae_steps must be positive'),
 ])
 def test_pretrain3_bad_input_is_one_line(tmp_path, flags, message):
-    result = run_pretrain3(tmp_path / 'out', *flags)
-    assert result.returncode != 0 and result.stderr.strip().startswith(f'error: {message}')
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'out').exists()
+    import pretrain3
+    with pytest.raises(SystemExit) as stop:
+        pretrain3.main(['--out', str(tmp_path / 'out'), *flags])
+    assert str(stop.value).startswith(f'error: {message}') and '\n' not in str(stop.value)
+    assert not (tmp_path / 'out').exists()  # checked before any work
