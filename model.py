@@ -126,7 +126,8 @@ def parse_device(name: str) -> torch.device:
 
 def set_conv_layout(vae, dtype: torch.dtype):
     """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
-    cuDNN's fast convolution kernels want it (bench.py sampling measures the gain), and in the default layout for fp32, whose results match the official code bit for bit. The values stay the same."""
+    cuDNN's fast convolution kernels want it (bench.py sampling measures the gain), and in the default layout for
+    fp32, whose results match the official code bit for bit. The values stay the same."""
     vae.to(memory_format=torch.channels_last if dtype != torch.float32 else torch.contiguous_format)
 
 

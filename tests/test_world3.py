@@ -44,6 +44,16 @@ def test_the_judge_reads_every_attribute_and_learns_them():
     assert read['background'] > 0.8 and read['shape'] > 0.2  # 4 epochs of 600 renders; chance 0.29 and 0.1
 
 
+def test_the_dataset_gives_train_py_its_four_fields():
+    dataset = world3.Dataset('train', 12, seed=1)
+    image, label, sentence, caption = dataset[3]
+    assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1
+    assert label == 3 and sentence == world3.sentence(3) and world3.CLASS_NAMES[3] in caption
+    assert dataset.caption_and_label(3) == (caption, label)
+    np.testing.assert_array_equal(((image.permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8),
+                                  world3.render(dataset.items[3]))
+
+
 def run_pretrain3(out, *flags):
     tiny = ['--out', str(out), '--judge_n', '100', '--judge_epochs', '1', '--gate_n', '20', '--n_train', '64',
             '--vae_steps', '2', '--clip_steps', '2', '--var_steps', '2', '--clip_batch', '8', '--var_batch', '4',
