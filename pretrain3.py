@@ -65,6 +65,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:  # images in [-1, 1] -> PSN
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+def set_lr(opt, lr: float):
+    for group in opt.param_groups:
+        group['lr'] = lr
+
+
 def to_pixels(x_B3HW: torch.Tensor) -> np.ndarray:
     """[-1, 1] images -> (B, H, W, 3) float in [0, 255]: what world3.train_judge reads, like a render."""
     return ((x_B3HW.float().clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy()
@@ -194,8 +199,7 @@ def train_vqvae(args):
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'vqvae', args.ckpt_every)
     for step in range(resume.restore(vae, opt, rng), steps):
-        for g in opt.param_groups:
-            g['lr'] = warmup_cosine_lr(step, steps, args.vae_lr, 100, 0.05)
+        set_lr(opt, warmup_cosine_lr(step, steps, args.vae_lr, 100, 0.05))  # every stage decays to 5%
         x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
         f = vae.quant_conv(vae.encoder(x))
         f_hat, vq_loss, _ = vae.quantize(f)
@@ -314,8 +318,7 @@ def train_clip(args):
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'clip', args.ckpt_every)
     for step in range(resume.restore(model, opt, rng), steps):
-        for g in opt.param_groups:
-            g['lr'] = warmup_cosine_lr(step, steps, args.clip_lr, 100, 0.05)
+        set_lr(opt, warmup_cosine_lr(step, steps, args.clip_lr, 100, 0.05))  # every stage decays to 5%
         pick = rng.integers(0, len(train_items), B)
         # captions mostly, sentences sometimes: the semantic loss asks CLIP about both levels of text
         texts = [world3.caption(train_items[i]) if rng.random() < 0.75 else world3.sentence(train_items[i]['label'])
@@ -395,8 +398,7 @@ def train_var(args):
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'var', args.ckpt_every)
     for step in range(resume.restore(var, opt, rng), steps):
-        for g in opt.param_groups:
-            g['lr'] = warmup_cosine_lr(step, steps, args.var_lr, 100, 0.05)
+        set_lr(opt, warmup_cosine_lr(step, steps, args.var_lr, 100, 0.05))  # every stage decays to 5%
         pick = torch.from_numpy(rng.integers(0, len(labels), B)).to(device)
         idx = [m[pick] for m in idx_all]
         with torch.no_grad():
