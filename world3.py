@@ -270,11 +270,12 @@ def gate0(train_images: np.ndarray, train_items, test_images: np.ndarray, test_i
     (>= 90% wanted); a caption attribute there at <= chance + 15 points while the full-resolution judge reads it
     >= 95% (the fine attribute the caption level asks the fine scales for)."""
     coarse_judge = train_judge(area_downsample(train_images), train_items, epochs, seed)
-    at_kappa = accuracies(coarse_judge, to_input(area_downsample(test_images)), test_items)
-    full = accuracies(judge, to_input(test_images), test_items)
     y_NA = targets(test_items)
+    right_NA = read(coarse_judge, to_input(area_downsample(test_images))) == y_NA  # the views at kappa, read once
+    at_kappa = {a: round(float(v), 4) for a, v in zip(ATTRIBUTES, right_NA.float().mean(0))}
+    full = accuracies(judge, to_input(test_images), test_items)
     chance = {a: round(float(torch.bincount(y_NA[:, i]).max()) / len(y_NA), 4) for i, a in enumerate(ATTRIBUTES)}
-    classes = read(coarse_judge, to_input(area_downsample(test_images)))[:, 0] == y_NA[:, 0]
+    classes = right_NA[:, 0]
     per_class = {name: round(float(classes[y_NA[:, 0] == c].float().mean()), 3) for c, name in enumerate(CLASS_NAMES)}
     report = {'kappa_side': KAPPA_SIDE, 'image_size': IMAGE_SIZE, 'at_kappa': at_kappa, 'full': full, 'chance': chance,
               'class_at_kappa_per_class': per_class}
