@@ -35,9 +35,9 @@ from vqvae import VQVAE
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 8x8 latents of 32 px at 4x downsampling; kappa = floor(0.6 * 6) = 3
 KAPPA = inter_anchor(0.6, len(PATCH_NUMS))
-VAE_KWARGS = dict(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
+VAE_KWARGS = dict(vocab_size=512, z_channels=8, ch=24, ch_mult=(1, 2, 4), num_res_blocks=1, patch_nums=PATCH_NUMS,
                   norm_groups=8)
-VAR_KWARGS = dict(vocab_size=512, z_channels=16, depth=4, width=128, num_heads=4, num_classes=world3.NUM_CLASSES,
+VAR_KWARGS = dict(vocab_size=512, z_channels=8, depth=4, width=128, num_heads=4, num_classes=world3.NUM_CLASSES,
                   patch_nums=PATCH_NUMS)
 CLIP_CFG = dict(embed_dim=64,
                 vision_cfg=dict(image_size=world3.IMAGE_SIZE, patch_size=4, width=96, layers=3, head_width=32),
@@ -186,15 +186,15 @@ def refill_dead_codes(vae, x: torch.Tensor):
 
 
 def train_vqvae(args):
-    """The multi-scale VQVAE on the reconstruction loss, VQ's, and a partial-sum loss: one coarse partial sum per
-    image, decoded, against the image as that scale can draw it, so the coarse scales hold a coarse image, the class's
-    silhouette included, not the background alone (world v2's tokenizer did)."""
+    """The multi-scale VQVAE on the reconstruction loss, VQ's, and a partial-sum loss: for a share of the batch one
+    coarse partial sum per image, decoded, against the image as that scale can draw it, so the coarse scales hold a
+    coarse image, the class's silhouette included, not the background alone (world v2's tokenizer did)."""
     torch.manual_seed(args.seed)
     device = args.device
     train_images = torch.as_tensor(world3.rendered('train', args.n_train, args.seed)[0], device=device)
     vae_kwargs = dict(VAE_KWARGS, ch=args.vae_ch)
     vae = VQVAE(**vae_kwargs).to(device).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     steps, B = args.vae_steps, args.vae_batch
     rng = np.random.default_rng(args.seed)
     resume = Resumable(args.out, 'vqvae', args.ckpt_every)
@@ -203,10 +203,11 @@ def train_vqvae(args):
         x = to_input(train_images[torch.from_numpy(rng.integers(0, len(train_images), B)).to(device)])
         f = vae.quant_conv(vae.encoder(x))
         f_hat, vq_loss, _ = vae.quantize(f)
-        scale_B = torch.from_numpy(rng.integers(0, len(PATCH_NUMS) - 1, B)).to(device)
-        f_coarse = coarse_partial_sums(vae.quantize, f, scale_B)
-        rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hat, f_coarse)))).chunk(2)
-        coarse_loss = reconstruction_error(coarse, coarse_targets(x, scale_B, vae))
+        n_coarse = max(1, round(B * args.vae_coarse_share))  # the first images of the batch also decode a partial sum
+        scale_B = torch.from_numpy(rng.integers(0, len(PATCH_NUMS) - 1, n_coarse)).to(device)
+        f_coarse = coarse_partial_sums(vae.quantize, f[:n_coarse], scale_B)
+        rec, coarse = vae.decoder(vae.post_quant_conv(torch.cat((f_hat, f_coarse)))).split((B, n_coarse))
+        coarse_loss = reconstruction_error(coarse, coarse_targets(x[:n_coarse], scale_B, vae))
         loss = reconstruction_error(rec, x) + vq_loss + args.vae_coarse_weight * coarse_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -505,6 +506,8 @@ def input_error(args, stages) -> str:
             return f'--{name} must be positive, got {getattr(args, name)}'
     if args.gate_n % world3.NUM_CLASSES:
         return f'--gate_n must be a multiple of {world3.NUM_CLASSES} (the same number of samples per class), got {args.gate_n}'
+    if not 0 < args.vae_coarse_share <= 1:
+        return f'--vae_coarse_share must be in (0, 1], got {args.vae_coarse_share}'
     if args.vae_coarse_weight < 0:
         return f'--vae_coarse_weight must be 0 or more, got {args.vae_coarse_weight}'
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -540,11 +543,12 @@ def main(argv=None):
                    'networks: G1 trains on half as many decodes)')
     p.add_argument('--judge_epochs', type=int, default=15)
     p.add_argument('--gate_n', type=int, default=1000, help='held-out renders (and samples) each gate measures')
-    p.add_argument('--vae_steps', type=int, default=3000)
+    p.add_argument('--vae_steps', type=int, default=6000)
     p.add_argument('--vae_batch', type=int, default=32)
-    p.add_argument('--vae_lr', type=float, default=2e-3)
-    p.add_argument('--vae_ch', type=int, default=16, help='the VQVAE\'s base width (channels ch, 2ch, 4ch)')
+    p.add_argument('--vae_lr', type=float, default=1e-3)
+    p.add_argument('--vae_ch', type=int, default=24, help='the VQVAE\'s base width (channels ch, 2ch, 4ch)')
     p.add_argument('--vae_coarse_weight', type=float, default=1.0, help='weight of the partial-sum loss')
+    p.add_argument('--vae_coarse_share', type=float, default=0.25, help='share of a batch that also decodes a partial sum')
     p.add_argument('--clip_steps', type=int, default=2000)
     p.add_argument('--clip_batch', type=int, default=256)
     p.add_argument('--clip_lr', type=float, default=1e-3)

@@ -84,6 +84,7 @@ def test_pretrain3_writes_every_gate_and_stops_at_the_first_missed(tmp_path):
     (['--gate_n', '15'], '--gate_n must be a multiple of 10'),
     (['--stage', 'clip'], '--stage clip: no judge.pth, backbone.json, vqvae.pth in --out'),
     (['--vae_steps', '0'], '--vae_steps must be positive'),
+    (['--vae_coarse_share', '0'], '--vae_coarse_share must be in (0, 1], got 0.0'),
 ])
 def test_pretrain3_bad_input_is_one_line(tmp_path, flags, message):
     import pretrain3
