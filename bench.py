@@ -146,7 +146,7 @@ def official_sampler(path: str, vae: VQVAE, var: VAR):
 def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, dtype=torch.float32):
     """One sampling run under autocast to dtype, the VQVAE's convolutions in sample.py's layout: (seconds per scale,
     seconds of all scales, seconds of VQVAE decoding, tokens, images in [0, 1])."""
-    from model import cast_once, set_conv_layout
+    from device import cast_once, set_conv_layout
     quant = vae.quantize
     marks = []
     original = quant.next_autoregressive_input  # called once at the end of every scale: a timestamp per scale
@@ -163,7 +163,7 @@ def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, 
     try:
         sync()
         t0 = time.perf_counter()
-        with autocast, cast_once(var, vae):  # as model.generate_images
+        with autocast, cast_once(var, vae):  # as mvp.generate_images
             idx = var.generate(vae, cond_BD, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                use_kv_cache=use_kv_cache)
         sync()
@@ -181,7 +181,7 @@ def timed_sample(vae: VQVAE, var: VAR, cond_BD, args, use_kv_cache: bool, sync, 
 @benchmark(add_args=sampling_args)
 def sampling(args) -> List[dict]:
     """VAR sampling speed (tiny random model at 64 px, or --depth): images/s and per-scale time, KV cache on vs off."""
-    from model import DTYPES, auto_dtype
+    from device import DTYPES, auto_dtype
     device = torch.device(args.device)
     sync = synchronizer(device)
     dtype = DTYPES.get(args.dtype) or auto_dtype(device)
@@ -407,7 +407,7 @@ def semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, 
     """One MVP + semantic step's loss and backward cut into stages, each timed alone (seconds). The graph is cut at
     the logits and at the two images (detached leaves whose gradients are passed on by hand), so each stage's
     backward runs by itself; the prompt's gradient is the step's."""
-    from model import conditions, teacher_forcing
+    from mvp import conditions
     images, labels, (sentences, captions, _) = batch
     marks = []
 
@@ -415,7 +415,9 @@ def semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, 
         sync()
         marks.append((stage, time.perf_counter()))
     mark('start')
-    idx, x_BLCv = teacher_forcing(vae, images)
+    with torch.no_grad():
+        idx = vae.img_to_idx(images)
+        x_BLCv = vae.quantize.teacher_forcing_input(idx)
     mark('VQVAE encoding (no grad)')
     with autocast:
         prompt_map, prefix, _ = parts(None)
@@ -445,7 +447,9 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     """Build one variant, run warm-up + timed training steps, measure time and memory (RSS only if measure_rss:
     meaningful only in a fresh process that runs nothing else)."""
     from frame_prompt import FramePrompt
-    from model import TunedParts, auto_dtype, conditions, mvp_loss, optimizer_step, teacher_forcing
+    from device import auto_dtype
+    from mvp import MVP, TunedParts, conditions
+    from update import optimizer_step
     device = torch.device(args.device)
     dtype = auto_dtype(device)  # as train.py's --dtype auto: bf16 on CUDA and on CPUs with fast bf16 matrix units
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -473,7 +477,9 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         from clip_loss import SemanticLoss
         chunk = 0 if variant == 'mvp_semantic_plain' else semantic_chunk(args, vae)
         semantic = SemanticLoss(random_clip(args, device), vae, chunk=chunk)
-    forward_var = torch.compile(var) if args.compile else var
+    # first_scale_fixed: MVP's class-to-image default (first-scale prompt off), as train.py decides it
+    model = MVP(vae, var, parts, None, semantic, 0.1, True, dtype, args.compile)
+    forward_var = model.var_forward
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if trainable else None
     seq_lens = []  # the sequence length the attention sees, read off the first block's input
     hook = var.blocks[0].attn.register_forward_pre_hook(lambda module, inputs: seq_lens.append(inputs[0].shape[1]))
@@ -482,20 +488,19 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
         """train.py's step (its own functions, autocast and grad scaler included) without the data loader; returns
         the time the VQVAE encoding finished. The frozen VAR has no step in train.py (nothing trains): the same
         forward under the same autocast, and a backward to its input, as the floor every tuning method pays."""
-        images, labels, texts = batch
-        idx, x_BLCv = teacher_forcing(vae, images)
+        images, labels, (sentences, captions, _) = batch
+        idx = model.tokenise(images)
         sync()
         t_encoded = time.perf_counter()
         if variant == 'frozen':
-            x_BLCv.requires_grad_(True)
+            x_BLCv = vae.quantize.teacher_forcing_input(idx).requires_grad_(True)
             with autocast:
                 logits = forward_var(conditions(var, None, labels, drop=True, cond_drop=0.1), x_BLCv)  # (B, L, V)
                 ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
             ce.backward()
             return t_encoded
-        # first_scale_fixed: MVP's class-to-image default (first-scale prompt off), as train.py decides it
-        terms, _ = mvp_loss(var, parts, semantic, idx, x_BLCv, labels, texts, 0.1, True, autocast, forward_var)
-        optimizer_step(terms, optimizer, scaler, trainable, 1.0)
+        _, losses = model(idx, labels, sentences, captions)
+        optimizer_step(model.objective(losses), optimizer, scaler, trainable, 1.0)
         return t_encoded
 
     batch = synthetic_batch(vae, var, args.batch, args.seed, device)
@@ -626,7 +631,7 @@ def step_notes(args, results: Dict[str, dict]) -> List[str]:
     notes = [f'Step: what train.py does per batch minus data loading: VQVAE encoding without grad (median '
              f'{1e3 * median(r["encode"] for r in results.values()):.1f} ms of every row), forward, loss, backward, '
              f'gradient clipping and an AdamW step over the trainable parameters, as train.py runs them '
-             f'(model.teacher_forcing, model.mvp_loss, model.optimizer_step) under train.py\'s autocast'
+             f'(mvp.MVP.tokenise, mvp.MVP, update.optimizer_step) under train.py\'s autocast'
              f'{" and torch.compile of the VAR" if args.compile else ""}.']
     if 'frozen' in results:
         notes.append(f'Frozen row: nothing trains and there is no optimizer step; the backward pass runs to the input '
@@ -646,7 +651,7 @@ def step_notes(args, results: Dict[str, dict]) -> List[str]:
 
 
 def autocast_name(args) -> str:  # train.py's --dtype auto on this device, as the headers print it
-    from model import auto_dtype
+    from device import auto_dtype
     return str(auto_dtype(torch.device(args.device))).replace('torch.', '')
 
 
@@ -1144,7 +1149,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from model import parse_device
+    from device import parse_device
     try:
         device = parse_device(args.device)
     except ValueError as e:

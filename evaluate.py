@@ -27,10 +27,10 @@ from scipy import ndimage
 import shapes
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
 from data import build_dataset, collate
+from device import DTYPES, set_conv_layout
 from fid import ClipFeatures, clip_score, fd_clip, feature_statistics, frechet_distance
-from pretrained import check_writable, load_backbone, load_clip, write_json
-from model import (DTYPES, build_run, check_sampling, generate_images, init_text_projection, load_run, save_grid,
-                   set_conv_layout, to_uint8)
+from mvp import build_run, check_sampling, generate_images, init_text_projection, load_run
+from pretrained import check_writable, load_backbone, load_clip, save_grid, to_uint8, write_json
 
 
 def fd_with_se(feats: np.ndarray, reference_stats, n_boot: int = 50, seed: int = 0):

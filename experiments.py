@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 
-from model import parse_device
+from device import parse_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -530,7 +530,7 @@ def main(argv=None):
     parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1, ...')
     parser.add_argument('--no-cache', action='store_true', help='neither read nor write cached statistics')
     args = parser.parse_args(argv)
-    from model import parse_device  # the project's one --device parser
+    from device import parse_device  # the project's one --device parser
     try:
         if args.batch_size < 1:
             raise ValueError(f'--batch-size must be at least 1, got {args.batch_size}')

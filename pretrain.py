@@ -31,10 +31,12 @@ import torch.nn.functional as F
 
 import shapes
 from clip_loss import contrastive_loss
+from device import DTYPES, auto_dtype, parse_device
 from fid import fd_clip
-from pretrained import CLIP_VOCAB, load_backbone, save_backbone, write_json
-from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, to_uint8, warmup_cosine_lr
+from mvp import generate_images
+from pretrained import CLIP_VOCAB, atomic_save, load_backbone, save_backbone, to_uint8, write_json
 from shapes import attribute_distributions, attribute_tv, rendered, to_input
+from update import warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
 
@@ -80,7 +82,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto is bf16 on CUDA and on CPUs with bf16 matrix units (model.auto_dtype; this project's 2-core AMX
+    """--dtype: auto is bf16 on CUDA and on CPUs with bf16 matrix units (device.auto_dtype; this project's 2-core AMX
     CPU runs a VAR step 2x faster than in fp32), else fp32 (a GPU without bf16 too: there is no loss scaler here)."""
     if name == 'auto':
         return torch.bfloat16 if auto_dtype(device) == torch.bfloat16 else torch.float32
@@ -423,7 +425,7 @@ def teacher_forced_ce(vae, var, images: np.ndarray, labels, device) -> list:
 @torch.no_grad()
 def class_recognised(vae, var, out: str, device, per_class: int = 20, with_fd: bool = False, cfg: float = 1.5,
                      top_k: int = 900, top_p: float = 0.96) -> dict:
-    """Class-conditional samples at evaluate.py's and sample.py's settings (model.generate_images): the fraction the
+    """Class-conditional samples at evaluate.py's and sample.py's settings (mvp.generate_images): the fraction the
     shape classifier names as their class; with_fd, also FD_clip of the samples and of VQVAE reconstructions, both
     against as many held-out renders (the reconstructions' FD is the floor the tokens set)."""
     from fid import ClipFeatures, feature_statistics

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 import world3
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
+from device import DTYPES, auto_dtype, parse_device
 from fid import feature_statistics, frechet_distance, inception_score, precision_recall
-from model import DTYPES, atomic_save, auto_dtype, generate_images, parse_device, warmup_cosine_lr
-from pretrained import CLIP_VOCAB, load_backbone, load_clip, save_backbone, write_json
+from mvp import generate_images
+from pretrained import CLIP_VOCAB, atomic_save, load_backbone, load_clip, save_backbone, write_json
 from shapes import to_input
+from update import warmup_cosine_lr
 from var import VAR
 from vqvae import VQVAE
 

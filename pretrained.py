@@ -1,5 +1,6 @@
 """
-The officially released VAR weights: their architectures, where to get them, and strict loading.
+The officially released VAR weights (their architectures, where to get them, strict loading), and the files a run
+writes: JSON, images and checkpoints, each atomically.
 
     vae, var = load_released(depth=16)   # finds or downloads vae_ch160v4096z32.pth and var_d16.pth
     vae, var = load_backbone('checkpoints/shapes')   # a small backbone folder (backbone.json + weights)
@@ -13,6 +14,7 @@ the repo, the file and where to put it. Everything loads with strict=True.
 """
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -20,9 +22,11 @@ import tempfile
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from PIL import Image
 
 from var import VAR
 from vqvae import VAR_PATCH_NUMS, VQVAE
@@ -243,6 +247,33 @@ def write_json(path: str, obj):
         with open(tmp, 'w') as f:
             json.dump(obj, f, indent=1)
     atomic_write(path, write)
+
+
+def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
+    return (images_B3HW.detach().permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+
+
+def save_grid(images, path: str, nrow: int = 8):
+    """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
+    B, _, H, W = images.shape
+    nrow = min(nrow, B)
+    rows = math.ceil(B / nrow)
+    grid = Image.new('RGB', (nrow * W + (nrow + 1) * 2, rows * H + (rows + 1) * 2), 'white')
+    arr = to_uint8(images)
+    for i in range(B):
+        grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: grid.save(tmp, format='PNG'))
+
+
+def save_image(image_3HW: torch.Tensor, path: str):
+    """One image in [0, 1] as a PNG of its own size, without a grid's border."""
+    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(image_3HW[None])[0]).save(tmp, format='PNG'))
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # the CLIP of the semantic loss for real runs: the CLIP most CLIP-guided generation and CLIP-score work uses, and small

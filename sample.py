@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import (DTYPES, auto_dtype, check_sampling, generate_images, load_run, parse_device, save_grid, save_image,
-                   set_conv_layout, to_uint8)
-from pretrained import atomic_write, check_writable, load_backbone
+from device import DTYPES, auto_dtype, parse_device, set_conv_layout
+from mvp import check_sampling, generate_images, load_run
+from pretrained import atomic_write, check_writable, load_backbone, save_grid, save_image, to_uint8
 
 SHIPPED_T2I = 'checkpoints/shapes/mvp_t2i'  # what --text uses without --ckpt
 

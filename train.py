@@ -4,7 +4,7 @@ MVP fine-tuning of a frozen, pretrained VAR, end to end (MVP paper, Sec. 3 and 4
 Only the prompt tokens train (plus, for text-to-image, a projection of CLIP's text features onto VAR's
 condition); the VQVAE, the VAR transformer and CLIP stay frozen. (The baselines of MVP's Tables 3-4 train other
 things in the same loop, --prompt: a prefilled prompt, LoRA on the attention, or the whole VAR.) The model and its
-step live in model.py; this file is the training script: flags, data, the loop. One step:
+step live in mvp.py; this file is the training script: flags, data, the loop. One step:
   1. image -> VQVAE token maps R_1..R_K (frozen) -> the teacher-forcing input
   2. VAR forward with the frame prompts added to every scale's input tokens (Eq. 6) -> logits
   3. L = CE(logits, R) + lambda_sen * L_CLIP(I_sen, sentence) + lambda_cap * L_CLIP(I_cap, caption)  (Eq. 7-9)
@@ -39,11 +39,12 @@ from tqdm import tqdm
 
 from clip_loss import SemanticLoss
 from data import batches_of_epoch, build_dataset, epoch_loader
+from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
-from model import (BALANCES, CONFIG_FILE, DTYPES, atomic_save, auto_dtype, build_run, check_same_architecture,
-                   generate_images, init_text_projection, load_checkpoint, load_trained, mvp_loss, optimizer_step,
-                   parse_device, save_grid, save_prompt, teacher_forcing, warmup_cosine_lr, write_config)
-from pretrained import DEFAULT_CLIP, backbone_spec, check_creatable, lock_folder
+from mvp import (CONFIG_FILE, MVP, build_run, check_same_architecture, generate_images, init_text_projection,
+                 load_checkpoint, load_trained, save_prompt, write_config)
+from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, lock_folder, save_grid
+from update import BALANCES, optimizer_step, warmup_cosine_lr
 
 
 def get_args(argv=None):
@@ -435,15 +436,14 @@ def main(argv=None):
     args = get_args(argv)
     proc = setup_process(args)
     dtype = DTYPES.get(args.dtype) or auto_dtype(proc.device)
-    autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     check_creatable(args.out_dir, '--out_dir')
     ckpt, resume_path = find_resume(args)
     dataset, steps_per_epoch = training_data(args, proc.world)
     with claim_out_dir(args.out_dir, proc) or nullcontext():  # one run per folder, held until the run ends
-        run(args, proc, dtype, autocast, ckpt, resume_path, dataset, steps_per_epoch)
+        run(args, proc, dtype, ckpt, resume_path, dataset, steps_per_epoch)
 
 
-def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_per_epoch: int):
+def run(args, proc: Process, dtype, ckpt, resume_path, dataset, steps_per_epoch: int):
     """The run in the folder it holds: the models, a resumed state, the training loop, the loss plot."""
     semantic_on = args.lambda_sen > 0 or args.lambda_cap > 0
     vae, var, clip, parts = build_run(vars(args), proc.device, need_clip=semantic_on)
@@ -456,14 +456,14 @@ def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     if args.compile:  # the gradient record and --balance take several backwards through one compiled graph, which
         torch._functorch.config.donated_buffer = False  # a compiled backward refuses while it donates its buffers
-    forward_var = torch.compile(var) if args.compile else var
     trainable = list(parts.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=dtype == torch.float16)
     step = restore(ckpt, resume_path, parts, optimizer, scaler, proc, args) if ckpt is not None else 0
-    model = torch.nn.parallel.DistributedDataParallel(
+    tuned = torch.nn.parallel.DistributedDataParallel(
         parts, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None) if proc.ddp else parts
-    no_sync = model.no_sync if proc.ddp and args.balance != 'sum' else nullcontext
+    model = MVP(vae, var, tuned, clip, semantic, args.cond_drop, first_scale_fixed, dtype, args.compile)
+    no_sync = tuned.no_sync if proc.ddp and args.balance != 'sum' else nullcontext
     run_config, log_path = start_run(args, parts, var, dataset, proc, dtype, step)
     save = lambda path, at_step: save_checkpoint(path, at_step, run_config, parts, optimizer, scaler, proc)
     lr_at = lambda s: warmup_cosine_lr(s, args.max_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
@@ -481,11 +481,10 @@ def run(args, proc: Process, dtype, autocast, ckpt, resume_path, dataset, steps_
                                                                     step, steps_per_epoch, proc.rank, proc.world,
                                                                     pin_memory=proc.device.type == 'cuda'):
                 images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
-                idx, x_BLCv = teacher_forcing(vae, images)
-                text_feats = clip.encode_text(captions) if args.t2i else None
+                idx = model.tokenise(images)
                 with no_sync():  # term-by-term gradients are averaged over the processes by hand (reduce_mean)
-                    terms, losses = mvp_loss(var, model, semantic, idx, x_BLCv, labels, (sentences, captions, text_feats),
-                                             args.cond_drop, first_scale_fixed, autocast, forward_var)
+                    _, losses = model(idx, labels, sentences, captions)
+                terms = model.objective(losses)
                 loss = sum(terms.values())  # Eq. 9
                 watch_loss(watch_2, loss, step)
                 if proc.ddp or interrupted or any((step + 1) % every == 0 for every in check_every) \

@@ -19,7 +19,6 @@ import math
 import multiprocessing
 import os
 import re
-from functools import partial
 
 import numpy as np
 import torch

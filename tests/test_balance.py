@@ -1,6 +1,5 @@
-"""How the losses' gradients make one update (model.optimizer_step, train.py --balance) and the per-loss gradient
+"""How the losses' gradients make one update (update.optimizer_step, train.py --balance) and the per-loss gradient
 record of the logged steps: checked against separate autograd computations on the tiny models of conftest.py."""
-import contextlib
 import os
 import sys
 
@@ -11,7 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clip_loss import SemanticLoss  # noqa: E402
 from frame_prompt import FramePrompt  # noqa: E402
-from model import TunedParts, mvp_loss, optimizer_step, teacher_forcing  # noqa: E402
+from mvp import MVP, TunedParts  # noqa: E402
+from update import optimizer_step  # noqa: E402
 
 SENTENCES = ['a photo of a circle', 'a photo of a square', 'a photo of a circle', 'a photo of a star']
 CAPTIONS = ['a red circle', 'a big blue square', 'a small green circle', 'a star on black']
@@ -23,14 +23,13 @@ def setup(tiny_vae, tiny_var, tiny_clip, lambda_sen=0.5, lambda_cap=2.0):
     with torch.no_grad():
         parts.prompt.tokens.normal_(0, 0.5)
     semantic = SemanticLoss(tiny_clip, tiny_vae, 0.6, lambda_sen, lambda_cap)
-    images = torch.rand(4, 3, 16, 16) * 2 - 1
-    idx, x = teacher_forcing(tiny_vae, images)
+    model = MVP(tiny_vae, tiny_var, parts, None, semantic, first_scale_fixed=True)
+    idx = model.tokenise(torch.rand(4, 3, 16, 16) * 2 - 1)
     labels = torch.tensor([0, 1, 0, 2])
 
     def terms():
         torch.manual_seed(1)  # the condition dropout draws from the global generator: the same at every call
-        return mvp_loss(tiny_var, parts, semantic, idx, x, labels, (SENTENCES, CAPTIONS, None), 0.1, True,
-                        contextlib.nullcontext())[0]
+        return model.objective(model(idx, labels, SENTENCES, CAPTIONS)[1])
     return parts, terms
 
 
@@ -59,10 +58,11 @@ def step(parts, terms, balance, record=True, grad_clip=1.0, ratio=0.1, scaler=No
 
 def test_terms_are_the_weighted_losses_and_sum_to_eq9(tiny_vae, tiny_var, tiny_clip):
     parts, terms = setup(tiny_vae, tiny_var, tiny_clip, lambda_sen=0.5, lambda_cap=2.0)
+    model = MVP(tiny_vae, tiny_var, parts, None, SemanticLoss(tiny_clip, tiny_vae, 0.6, 0.5, 2.0), first_scale_fixed=True)
     torch.manual_seed(1)
-    t, losses = mvp_loss(tiny_var, parts, SemanticLoss(tiny_clip, tiny_vae, 0.6, 0.5, 2.0), *teacher_forcing(
-        tiny_vae, torch.zeros(4, 3, 16, 16)), torch.tensor([0, 1, 0, 2]), (SENTENCES, CAPTIONS, None), 0.1, True,
-        contextlib.nullcontext())
+    logits, losses = model(model.tokenise(torch.zeros(4, 3, 16, 16)), torch.tensor([0, 1, 0, 2]), SENTENCES, CAPTIONS)
+    t = model.objective(losses)
+    assert logits.shape == (4, tiny_var.L, tiny_var.vocab_size)
     assert set(t) == {'ce', 'sen', 'cap'}
     torch.testing.assert_close(t['sen'], 0.5 * losses['sen'])
     torch.testing.assert_close(t['cap'], 2.0 * losses['cap'])

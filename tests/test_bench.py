@@ -131,11 +131,11 @@ def test_largest_batch_finds_the_edge():
 
 def test_semantic_breakdown_is_the_steps_gradient():
     """The breakdown cuts the graph at the logits and the images and passes the gradients on by hand: the prompt must
-    get exactly the gradient of the uncut step (train.py's mvp_loss)."""
+    get exactly the gradient of the uncut step (train.py's MVP forward)."""
     import contextlib
     from clip_loss import SemanticLoss
     from frame_prompt import FramePrompt
-    from model import TunedParts, mvp_loss, teacher_forcing
+    from mvp import MVP, TunedParts
     device = torch.device('cpu')
     vae, var = bench.tiny_backbone(device, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
     args = type('Args', (), {'name': 'training'})()
@@ -151,9 +151,10 @@ def test_semantic_breakdown_is_the_steps_gradient():
         if cut:
             stages = bench.semantic_breakdown(vae, var, var, parts, semantic, batch, contextlib.nullcontext(), lambda: None)
         else:
-            images, labels, texts = batch
-            idx, x = teacher_forcing(vae, images)
-            sum(mvp_loss(var, parts, semantic, idx, x, labels, texts, 0.1, True, contextlib.nullcontext())[0].values()).backward()
+            images, labels, (sentences, captions, _) = batch
+            model = MVP(vae, var, parts, None, semantic, first_scale_fixed=True)
+            _, losses = model(model.tokenise(images), labels, sentences, captions)
+            sum(model.objective(losses).values()).backward()
         grads.append(parts.prompt.tokens.grad.clone())
     assert len(stages) == 7 and all(t >= 0 for t in stages.values())
     assert grads[0].abs().sum() > 0

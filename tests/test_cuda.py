@@ -6,7 +6,7 @@ import torch
 
 from clip_loss import SemanticLoss
 from frame_prompt import FramePrompt
-from model import TunedParts, mvp_loss, teacher_forcing
+from mvp import MVP, TunedParts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (bench.py device runs these on a GPU)')
 CUDA = torch.device('cuda')
@@ -20,8 +20,8 @@ def test_teacher_forced_logits_on_cuda_match_the_cpu(tiny_vae, tiny_var):
     logits = []
     for device in ('cpu', CUDA):
         vae, var = tiny_vae.to(device), tiny_var.to(device)
-        idx, x = teacher_forcing(vae, images.to(device))
         with torch.no_grad():
+            x = vae.quantize.teacher_forcing_input(vae.img_to_idx(images.to(device)))
             logits.append(var(var.class_emb(labels.to(device)), x).cpu())
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
@@ -30,15 +30,15 @@ def test_a_bf16_step_on_cuda_trains_the_prompt_and_chunking_keeps_its_gradient(t
     vae, var, clip = tiny_vae.to(CUDA), tiny_var.to(CUDA), tiny_clip.to(CUDA)
     parts = TunedParts(FramePrompt(var.patch_nums, var.width, 20)).to(CUDA)
     images = torch.rand(4, 3, 16, 16, device=CUDA) * 2 - 1
-    idx, x = teacher_forcing(vae, images)
-    texts = (['a photo of a circle', 'a photo of a star'] * 2, ['a red circle', 'a blue star', 'a circle', 'a star'], None)
+    sentences, captions = ['a photo of a circle', 'a photo of a star'] * 2, ['a red circle', 'a blue star', 'a circle', 'a star']
     grads = []
     for chunk in (0, 1):
         parts.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        terms, losses = mvp_loss(var, parts, SemanticLoss(clip, vae, chunk=chunk), idx, x, torch.tensor([0, 1, 0, 1],
-                                 device=CUDA), texts, 0.1, True, torch.autocast('cuda', dtype=torch.bfloat16))
-        loss = sum(terms.values())
+        model = MVP(vae, var, parts, None, SemanticLoss(clip, vae, chunk=chunk), first_scale_fixed=True,
+                    dtype=torch.bfloat16)
+        _, losses = model(model.tokenise(images), torch.tensor([0, 1, 0, 1], device=CUDA), sentences, captions)
+        loss = sum(model.objective(losses).values())
         assert torch.isfinite(loss)
         loss.backward()
         grads.append(parts.prompt.tokens.grad.float().clone())

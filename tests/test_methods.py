@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-import model  # noqa: E402
+import mvp  # noqa: E402
 import train  # noqa: E402
 from baselines import LoRALinear, TARGETS  # noqa: E402
 from pretrained import load_backbone  # noqa: E402
@@ -56,7 +56,7 @@ def runs(tiny_backbone, tmp_path_factory):
 
 def test_zero_lora_is_the_plain_model(tiny_backbone):
     cfg = vars(train.get_args(['--backbone', tiny_backbone, '--prompt', 'lora', *DATA]))
-    vae, var, clip, parts = model.build_run(cfg, 'cpu', need_clip=False)
+    vae, var, clip, parts = mvp.build_run(cfg, 'cpu', need_clip=False)
     _, plain = load_backbone(tiny_backbone)
     # the VAR's own parameters are the backbone's, all frozen; only the LoRA pairs train, B starts at zero
     assert sum(p.numel() for p in var.parameters()) == sum(p.numel() for p in plain.parameters())
@@ -95,7 +95,7 @@ def test_lora_checkpoint_holds_only_the_pairs(runs, tiny_backbone, mode):
     assert ckpt['config']['prompt'] == 'lora' and ckpt['config']['lora_rank'] == RANK
     assert len(ckpt['optimizer']['state']) == len(parts)
     # rebuilt from the checkpoint: the pairs are the saved ones, the frozen base weights the backbone's
-    cfg, vae, var, clip, tuned = model.load_run(runs[('lora', mode)])
+    cfg, vae, var, clip, tuned = mvp.load_run(runs[('lora', mode)])
     _, plain = load_backbone(tiny_backbone)
     assert torch.equal(var.blocks[1].attn.proj.base.weight, plain.blocks[1].attn.proj.weight)
     assert torch.equal(var.blocks[1].attn.proj.lora_B, parts['lora.3.B'])
@@ -110,7 +110,7 @@ def test_full_checkpoint_holds_the_var(runs, tiny_backbone, mode):
     assert set(parts) == {f'var.{k}' for k in plain_state} | (TEXT_KEYS if mode == 't2i' else set())
     changed = [k for k, v in plain_state.items() if not torch.equal(parts[f'var.{k}'], v)]
     assert 'blocks.0.attn.mat_qkv.weight' in changed and 'head.weight' in changed  # the transformer trained
-    cfg, vae, var, clip, tuned = model.load_run(runs[('full', mode)])
+    cfg, vae, var, clip, tuned = mvp.load_run(runs[('full', mode)])
     assert tuned.var is var and torch.equal(var.head.weight, parts['var.head.weight'])
     assert not any(k.startswith(('encoder', 'decoder', 'quantize', 'vae.', 'clip.')) for k in parts)
 

@@ -820,7 +820,7 @@ def test_chunks_without_gradient_are_not_recomputed(tiny_vae, tiny_clip):
 def test_conv_layout_changes_speed_not_values(tiny_vae):
     """set_conv_layout: channels_last for reduced precision, back to the default for fp32, whose images stay bit for bit
     what they were (the official code's); the parameters' values never change."""
-    from model import set_conv_layout
+    from device import set_conv_layout
     f_hat = torch.randn(2, tiny_vae.Cvae, tiny_vae.patch_nums[-1], tiny_vae.patch_nums[-1])
     before = {k: v.clone() for k, v in tiny_vae.state_dict().items()}
     with torch.no_grad():
@@ -835,7 +835,7 @@ def test_conv_layout_changes_speed_not_values(tiny_vae):
 
 def test_cast_once_same_samples_and_leaves_the_model_frozen(tiny_vae, tiny_var):
     from contextlib import nullcontext
-    from model import cast_once
+    from device import cast_once
     for m in (tiny_var, tiny_vae):
         m.requires_grad_(False)
     cond = tiny_var.class_condition(torch.arange(3))

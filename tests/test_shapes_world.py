@@ -82,7 +82,7 @@ def test_text_projection_starts_captions_near_their_class_embedding():
     from pretrained import load_clip
     from pretrained import load_backbone
     from text_condition import TextCondition
-    from model import init_text_projection
+    from mvp import init_text_projection
 
     _, var = load_backbone(ROOT)
     clip = FrozenClip(*load_clip(os.path.join(ROOT, 'clip')))

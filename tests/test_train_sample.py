@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 
 import pretrained  # noqa: E402
 import sample  # noqa: E402
-import model  # noqa: E402
+import device  # noqa: E402
+import mvp  # noqa: E402
 import train  # noqa: E402
 from conftest import offline_hub_env, write_hf_cache  # noqa: E402
 from pretrained import load_backbone, load_clip, save_backbone  # noqa: E402
@@ -102,7 +103,7 @@ def c2i_run(tiny_backbone, tmp_path_factory):
     argv = train_argv(tiny_backbone, out_dir, '--max_steps', 4, '--log_every', 2, '--ckpt_every', 2, '--sample_every', 2)
     hashes_before = file_hashes(tiny_backbone)
     captured = {}
-    real_build_run = model.build_run
+    real_build_run = mvp.build_run
 
     def build_run(*args, **kwargs):
         captured['models'] = real_build_run(*args, **kwargs)
@@ -146,7 +147,7 @@ def test_c2i_outputs(c2i_run):
     resolved = vars(train.get_args(c2i_run['argv']))  # the resolved config, less the training machine's paths ...
     assert config.pop('trainable_parameters') == 24 * 64  # the tau-20 frame prompt of the 2x2 .. 4x4 scales, width 64
     assert config.pop('var_parameters') == sum(p.numel() for p in c2i_run['models'][1].parameters())
-    assert config.pop('autocast') == str(model.auto_dtype(torch.device('cpu'))).removeprefix('torch.')
+    assert config.pop('autocast') == str(device.auto_dtype(torch.device('cpu'))).removeprefix('torch.')
     assert config == {k: v for k, v in resolved.items() if k not in ('cache_dir', 'out_dir', 'resume')}
     assert config['first_scale'] == 'off'  # ... with 'auto' resolved (class-to-image: the first scale is off)
 
@@ -171,7 +172,7 @@ def test_c2i_checkpoint_holds_only_the_trained_parts(c2i_run, tiny_backbone):
     assert set(ckpt) == {'config', 'step', 'parts', 'optimizer', 'scaler', 'rng'}
     assert ckpt['step'] == 4
     counts = {'trainable_parameters': 24 * 64, 'var_parameters': sum(p.numel() for p in c2i_run['models'][1].parameters()),
-              'autocast': str(model.auto_dtype(torch.device('cpu'))).removeprefix('torch.')}  # --dtype auto's choice here
+              'autocast': str(device.auto_dtype(torch.device('cpu'))).removeprefix('torch.')}  # --dtype auto's choice here
     assert ckpt['config'] == {**vars(train.get_args(c2i_run['argv'])), **counts}
     assert list(ckpt['parts']) == ['prompt.tokens']
     frozen_prefixes = ('blocks.', 'class_emb', 'word_embed', 'head', 'pos_', 'encoder', 'decoder', 'quantize', 'visual',
@@ -213,7 +214,7 @@ def test_t2i_checkpoint(t2i_run):
     assert set(ckpt['parts']) == {'prompt.tokens', 'text_cond.proj.weight', 'text_cond.proj.bias'}
     assert ckpt['parts']['text_cond.proj.weight'].shape == (64, 32)  # tiny CLIP's 32-d text features -> width 64
     assert ckpt['parts']['prompt.tokens'].shape == (1 + 4 + 8 + 12, 64)
-    cfg, vae, var, clip, parts = model.load_run(os.path.join(t2i_run, 'ckpt.pt'))
+    cfg, vae, var, clip, parts = mvp.load_run(os.path.join(t2i_run, 'ckpt.pt'))
     assert parts.prompt.counts() == [1, 4, 8, 12]  # the first-scale prompt is on
     assert clip is not None
     rows = read_log(t2i_run)
@@ -442,7 +443,7 @@ def test_cli_error_unknown_device(tiny_backbone, tmp_path, script):
 
 
 def test_parse_device():
-    from model import parse_device
+    from device import parse_device
     assert parse_device('cpu') == torch.device('cpu')
     assert parse_device('auto').type == ('cuda' if torch.cuda.is_available() else 'cpu')
     with pytest.raises(ValueError, match='--device gpu0 is not a device'):
@@ -753,10 +754,10 @@ def test_prompt_folder_round_trip(strong_prompt_run, tmp_path):
     assert set(tensors) == set(ckpt['parts']) and all(torch.equal(tensors[k], v) for k, v in ckpt['parts'].items())
     with open(os.path.join(strong_prompt_run, 'config.json')) as f:
         config = json.load(f)
-    assert {k: config[k] for k in model.ARCHITECTURE_KEYS} == {k: ckpt['config'][k] for k in model.ARCHITECTURE_KEYS}
+    assert {k: config[k] for k in mvp.ARCHITECTURE_KEYS} == {k: ckpt['config'][k] for k in mvp.ARCHITECTURE_KEYS}
     assert config['clip_pretrained'] == ckpt['config']['clip_pretrained'] and 'out_dir' not in config
 
-    model.export_prompt(os.path.join(strong_prompt_run, 'ckpt.pt'), str(tmp_path / 'exported'))
+    mvp.export_prompt(os.path.join(strong_prompt_run, 'ckpt.pt'), str(tmp_path / 'exported'))
     assert sorted(os.listdir(tmp_path / 'exported')) == ['config.json', 'prompt.safetensors']
     for name in ('config.json', 'prompt.safetensors'):
         with open(os.path.join(strong_prompt_run, name), 'rb') as a, open(tmp_path / 'exported' / name, 'rb') as b:
@@ -821,7 +822,7 @@ def test_checkpoint_holding_a_pickled_object_is_refused(strong_prompt_run, tmp_p
     path = tmp_path / 'evil.pt'
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r'evil\.pt holds a pickled .*open.*not a tensor'):
-        model.load_run(str(path))
+        mvp.load_run(str(path))
     result = run_cli(['sample.py', '--ckpt', path, '--class_id', 0, '--device', 'cpu', '--out', tmp_path / 'x.png'])
     assert_one_line_error(result, 'evil.pt', 'not a tensor')
     assert not marker.exists() and not (tmp_path / 'x.png').exists()
@@ -845,7 +846,7 @@ def prompt_copy(strong_prompt_run, tmp_path):
 def test_prompt_for_another_tau_is_one_line(prompt_copy):
     folder = prompt_copy(tau=8)
     with pytest.raises(ValueError) as info:
-        model.load_run(folder)
+        mvp.load_run(folder)
     msg = str(info.value)
     assert msg.startswith(os.path.join(folder, 'prompt.safetensors')) and '--tau 8' in msg and '\n' not in msg, msg
 
@@ -858,7 +859,7 @@ def test_prompt_for_another_backbone_is_one_line(prompt_copy, tmp_path):
     other = str(tmp_path / 'other_backbone')
     save_backbone(other, VQVAE(**vae_kwargs), vae_kwargs, VAR(**var_kwargs), var_kwargs)
     with pytest.raises(ValueError) as info:
-        model.load_run(prompt_copy(backbone=other))
+        mvp.load_run(prompt_copy(backbone=other))
     msg = str(info.value)
     assert 'prompt.safetensors' in msg and f'--backbone {other}' in msg and '(24, 64)' in msg and '(24, 32)' in msg, msg
 
@@ -871,7 +872,7 @@ def test_t2i_prompt_used_for_class_to_image_is_one_line(t2i_run, tmp_path):
     config = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps({**config, 't2i': False}))
     with pytest.raises(ValueError) as info:  # a config that says class-to-image beside a text-to-image prompt
-        model.load_run(str(folder))
+        mvp.load_run(str(folder))
     msg = str(info.value)
     assert msg.startswith(str(folder / 'prompt.safetensors')) and 'text-to-image run (--t2i)' in msg, msg
 
@@ -879,7 +880,7 @@ def test_t2i_prompt_used_for_class_to_image_is_one_line(t2i_run, tmp_path):
 def test_folder_without_prompt_file_is_one_line(tmp_path):
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(FileNotFoundError, match='prompt.safetensors'):
-        model.load_run(str(tmp_path))
+        mvp.load_run(str(tmp_path))
 
 
 def test_a_step_at_the_released_size(tmp_path):
@@ -908,7 +909,7 @@ def test_balance_normalize_trains_and_logs(tiny_backbone, tmp_path):
     out_dir = tmp_path / 'run'
     train.main(train_argv(tiny_backbone, out_dir, '--balance', 'normalize', '--semantic_ratio', 0.5, '--max_steps', 2,
                           '--log_every', 1, '--sample_every', 0))
-    for r in read_log(out_dir):  # the update: CE's gradient plus each level's at half its norm (model.combine)
+    for r in read_log(out_dir):  # the update: CE's gradient plus each level's at half its norm (update.combine)
         assert r['grad_norm'] <= r['grad_ce'] * (1 + 2 * 0.5) + 1e-6 and r['grad_sen'] > 0
 
 

@@ -1,29 +1,32 @@
 """
-The MVP model: a frozen, pretrained VAR (with its VQVAE and, for the semantic loss or text-to-image, a frozen CLIP)
-and what MVP trains on it; how a run's trained tensors are built, saved, shared, loaded and sampled from; and the
-loss of one training step (Eq. 9). train.py trains it; sample.py, evaluate.py and bench.py use it.
+MVP, Multi-scale Visual Prompt tuning, on a frozen VAR. The VAR, its VQVAE and (for the semantic loss or
+text-to-image) a CLIP stay frozen; what trains is the prompt frame_prompt.py lays on each scale's outer frame (or, for
+Table 3's baselines, a prefilled prompt, LoRA or the whole VAR) and, text-to-image, the projection of a caption's CLIP
+features that replaces the class embedding. One training step, as train.py runs it:
 
-    vae, var, clip, parts = build_run(config, device, need_clip=True)    # config: train.py's flags as a dict
-    config, vae, var, clip, parts = load_run('runs/mvp')                  # a ckpt.pt, a prompt folder or a repo id
-    images = generate_images(vae, var, parts, clip, labels=torch.tensor([0, 1]))
+    model = MVP(vae, var, parts, clip, semantic)
+    idx = model.tokenise(images)                               # the frozen VQVAE's token maps R_1..R_K
+    logits, losses = model(idx, labels, sentences, captions)   # teacher-forced, prompted: L_CE, L_sen, L_cap
+    loss = sum(model.objective(losses).values())               # Eq. 9
+
+and the rest of a run: build_run (a config of train.py's flags -> the modules), generate_images, save_prompt and
+load_run (a ckpt.pt, a prompt folder or a Hugging Face repo id).
 """
 import json
 import math
 import os
 import re
-from contextlib import contextmanager
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.utils import validate_repo_id
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from baselines import PrefilledPrompt, attach_lora, make_lora
 from clip_loss import FrozenClip, SemanticLoss
+from device import cast_once
 from frame_prompt import FramePrompt
 from pretrained import DEFAULT_CLIP, atomic_write, hub_file, load_backbone, load_clip, write_json
 from text_condition import TextCondition
@@ -56,6 +59,66 @@ class TunedParts(nn.Module):
         is_prefix = isinstance(self.prompt, PrefilledPrompt)
         cond = self.text_cond(text_feats_BD) if self.text_cond is not None else None
         return (None if is_prefix else prompt_out), (prompt_out if is_prefix else None), cond
+
+
+def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
+    """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
+    random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""
+    cond = var.class_emb(labels) if text_cond_BD is None else text_cond_BD
+    return var.drop_condition(cond, cond_drop) if drop else cond
+
+
+class MVP(nn.Module):
+    """A frozen VAR and what MVP trains on it, as one module: forward takes a batch's token maps and returns the
+    teacher-forced logits and the losses of Eq. 9; objective() weighs them into the terms a step minimises.
+
+    parts: the TunedParts (or DDP around them); semantic: the SemanticLoss (clip_loss.py), or None for CE alone;
+    first_scale_fixed: nothing trainable acts on the first scale, whose map then enters I_sen and I_cap as the image's
+    own (clip_loss.py); dtype: the forward's autocast (fp32: none); compile: the VAR through torch.compile."""
+
+    def __init__(self, vae, var, parts: nn.Module, clip: Optional[FrozenClip] = None,
+                 semantic: Optional[SemanticLoss] = None, cond_drop: float = 0.1, first_scale_fixed: bool = False,
+                 dtype: torch.dtype = torch.float32, compile: bool = False):
+        super().__init__()
+        self.vae, self.var, self.parts, self.clip, self.semantic = vae, var, parts, clip, semantic
+        self.cond_drop, self.first_scale_fixed, self.dtype = cond_drop, first_scale_fixed, dtype
+        self.t2i = getattr(parts, 'module', parts).text_cond is not None  # DDP keeps the parts as .module
+        self.var_forward = torch.compile(var) if compile else var
+
+    @torch.no_grad()
+    def tokenise(self, images_B3HW: torch.Tensor) -> List[torch.Tensor]:
+        """Step 1: the frozen VQVAE's token maps R_1..R_K of the images (K tensors (B, pn*pn)), the targets."""
+        return self.vae.img_to_idx(images_B3HW)
+
+    def forward(self, idx: List[torch.Tensor], labels_B: torch.Tensor, sentences: Optional[List[str]] = None,
+                captions: Optional[List[str]] = None):
+        """Steps 2-3 -> (logits (B, L, V), losses): 'ce' and, with the semantic loss, 'sen' and 'cap', unweighted.
+        sentences, captions: what I_sen and I_cap are judged against; in text-to-image the captions condition."""
+        x_BLCv = self.vae.quantize.teacher_forcing_input(idx)  # teacher forcing: the inputs of scales 2..K
+        text_feats_BD = self.clip.encode_text(captions) if self.t2i else None
+        with torch.autocast(x_BLCv.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            prompt_1LC, prefix_1PC, text_cond_BC = self.parts(text_feats_BD)
+            cond_BC = conditions(self.var, text_cond_BC, labels_B, drop=True, cond_drop=self.cond_drop)
+            logits_BLV = self.var_forward(cond_BC, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)
+            losses = {'ce': F.cross_entropy(logits_BLV.view(-1, self.var.vocab_size), torch.cat(idx, dim=1).view(-1))}
+            if self.semantic is not None:  # Eq. 8's two levels, on images decoded from the logits (clip_loss.py)
+                sem = self.semantic(logits_BLV, sentences, captions, idx[0] if self.first_scale_fixed else None)
+                losses.update(sen=sem['sen'], cap=sem['cap'])
+        return logits_BLV, losses
+
+    def objective(self, losses: dict) -> dict:
+        """The terms of L = L_CE + lambda_sen * L_sen + lambda_cap * L_cap (Eq. 9), whose sum a step minimises; a
+        level whose lambda is 0 is no term (update.py's --balance combines the terms' gradients)."""
+        terms = {'ce': losses['ce']}
+        if self.semantic is not None:
+            for level, weight in (('sen', self.semantic.lambda_sen), ('cap', self.semantic.lambda_cap)):
+                if weight > 0:
+                    terms[level] = weight * losses[level]
+        return terms
+
+
+# -----------------------------------------------------------------------------
+# build, sample, save and load a run
 
 
 def build_run(config: dict, device, need_clip: bool):
@@ -98,62 +161,6 @@ def init_text_projection(text_cond: TextCondition, clip: FrozenClip, var, datase
     text_cond.init_least_squares(feats, var.class_emb(labels))
 
 
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --dtype's values, less 'auto'
-
-
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (fp16 where bf16 is missing); on the CPU bf16 where oneDNN has bf16 matrix kernels (AVX512-BF16 or
-    AMX), else fp32, since without them bf16 is emulated and slower than fp32 (docs/benchmarks.md)."""
-    if device.type == 'cuda':
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if fast_bf16 else torch.float32
-
-
-def parse_device(name: str) -> torch.device:
-    """Every script's --device: auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:1, ...; a one-line
-    ValueError for a name torch does not know, or for CUDA on a machine without it."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f'--device {name} is not a device (auto, cpu, cuda, cuda:1, ...)') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {name} but CUDA is not available')
-    return device
-
-
-def set_conv_layout(vae, dtype: torch.dtype):
-    """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
-    cuDNN's fast convolution kernels want it (bench.py sampling measures the gain), and in the default layout for
-    fp32, whose results match the official code bit for bit. The values stay the same."""
-    vae.to(memory_format=torch.channels_last if dtype != torch.float32 else torch.contiguous_format)
-
-
-@contextmanager
-def cast_once(*modules: nn.Module):
-    """Inside one autocast region, each fp32 weight is cast to bf16/fp16 once instead of at every use: autocast caches
-    the cast only for leaf tensors that require grad, so the frozen weights are marked so for the duration (under
-    no_grad nothing records a graph). Without it, sampling re-casts every linear layer's weight at each scale, a large
-    share of its time (bench.py sampling). The values computed are the same."""
-    frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def conditions(var, text_cond_BD, labels, drop: bool, cond_drop: float):
-    """The condition (B, C): VAR's class embedding, or the projected caption in text-to-image mode. With drop, a
-    random cond_drop fraction becomes the null class, so classifier-free guidance keeps working."""
-    cond = var.class_emb(labels) if text_cond_BD is None else text_cond_BD
-    return var.drop_condition(cond, cond_drop) if drop else cond
-
-
 def check_sampling(cfg: float, top_k: int, top_p: float):
     """Sampling settings that no sampler can use: one line naming the flag (sample.py's, evaluate.py's)."""
     if not (math.isfinite(cfg) and cfg >= 0):
@@ -182,33 +189,6 @@ def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.
                            prompt_1LC=prompt_map, prefix_1PC=prefix)
         images = vae.idx_to_img(idx)
     return images.float().add(1).mul(0.5).clamp(0, 1)
-
-
-def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:  # [0, 1] -> (B, H, W, 3) uint8
-    return (images_B3HW.detach().permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
-
-
-def save_grid(images, path: str, nrow: int = 8):
-    """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
-    B, _, H, W = images.shape
-    nrow = min(nrow, B)
-    rows = math.ceil(B / nrow)
-    grid = Image.new('RGB', (nrow * W + (nrow + 1) * 2, rows * H + (rows + 1) * 2), 'white')
-    arr = to_uint8(images)
-    for i in range(B):
-        grid.paste(Image.fromarray(arr[i]), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda tmp: grid.save(tmp, format='PNG'))
-
-
-def save_image(image_3HW: torch.Tensor, path: str):
-    """One image in [0, 1] as a PNG of its own size, without a grid's border."""
-    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(image_3HW[None])[0]).save(tmp, format='PNG'))
-
-
-def atomic_save(obj, path: str):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint at `path`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -245,7 +225,7 @@ def save_prompt(folder: str, config: dict, state: dict):
 
 def export_prompt(ckpt_path: str, folder: str):
     """A training checkpoint's prompt folder, e.g. for a checkpoint written before runs exported their own:
-        python -c "import model; model.export_prompt('runs/mvp/ckpt.pt', 'runs/mvp_prompt')"
+        python -c "import mvp; mvp.export_prompt('runs/mvp/ckpt.pt', 'runs/mvp_prompt')"
     """
     ckpt = load_checkpoint(ckpt_path)
     save_prompt(folder, ckpt['config'], ckpt['parts'])
@@ -270,7 +250,7 @@ def read_run(path: str) -> Tuple[dict, dict, str]:
         for file in (config_path, tensors_path):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f'{path} has no {os.path.basename(file)}: a prompt folder holds {CONFIG_FILE} and '
-                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, model.export_prompt makes '
+                                        f'{PROMPT_FILE} (train.py writes them beside ckpt.pt, mvp.export_prompt makes '
                                         f'them from one)')
     elif is_repo_id(path):
         advice = (f'if {path} is meant as a local path, it does not exist; else download the repo\'s {CONFIG_FILE} and '
@@ -343,122 +323,3 @@ def load_run(path: str, device='cpu', need_clip: bool = False, cache_dir: Option
     vae, var, clip, parts = build_run({**config, 'cache_dir': cache_dir or config.get('cache_dir')}, device, need_clip)
     load_trained(parts, state, source, config)
     return config, vae, var, clip, parts.eval()
-
-
-
-# -----------------------------------------------------------------------------
-# one training step (train.py's loop and bench.py's training benchmark run these)
-
-
-@torch.no_grad()
-def teacher_forcing(vae, images_B3HW: torch.Tensor):
-    """Step 1: the frozen VQVAE's token maps R_1..R_K (the targets, K tensors (B, pn*pn)) and the transformer's input
-    for scales 2..K (B, L - first_l, Cvae)."""
-    idx = vae.img_to_idx(images_B3HW)
-    return idx, vae.quantize.teacher_forcing_input(idx)
-
-
-def mvp_loss(var, model, semantic: Optional[SemanticLoss], idx, x_BLCv, labels, texts, cond_drop: float,
-             first_scale_fixed: bool, autocast, forward_var=None):
-    """Steps 2-3: the prompted VAR's teacher-forced logits and the terms of L = CE + L_semantic (Eq. 9) ->
-    (terms, losses): terms {'ce', and 'sen' = lambda_sen * L_sen, 'cap' = lambda_cap * L_cap for the levels that are
-    on}, whose sum is L; losses {'ce', 'sen', 'cap'} unweighted, for the log.
-
-    model: the TunedParts (or DDP around them); texts: (sentences, captions, caption features for text-to-image or
-    None); first_scale_fixed: nothing trainable acts on the first scale, whose map then enters I_sen and I_cap as the
-    image's own (clip_loss.py); forward_var: the VAR to call (torch.compile'd, say), by default var."""
-    sentences, captions, text_feats_BD = texts
-    with autocast:
-        prompt_map, prefix, text_cond = model(text_feats_BD)
-        cond = conditions(var, text_cond, labels, drop=True, cond_drop=cond_drop)
-        logits = (forward_var or var)(cond, x_BLCv, prompt_1LC=prompt_map, prefix_1PC=prefix)  # (B, L, V)
-        ce = F.cross_entropy(logits.view(-1, var.vocab_size), torch.cat(idx, dim=1).view(-1))
-        terms, losses = {'ce': ce}, {'ce': ce}
-        if semantic is None:
-            return terms, losses
-        sem = semantic(logits, sentences, captions, idx[0] if first_scale_fixed else None)
-        losses.update(sen=sem['sen'], cap=sem['cap'])
-        for level, weight in (('sen', semantic.lambda_sen), ('cap', semantic.lambda_cap)):
-            if weight > 0:
-                terms[level] = weight * sem[level]  # Eq. 8
-        return terms, losses
-
-
-# How the terms' gradients make one update (--balance): 'sum' is Eq. 9 as written, one clip on the total; 'clip_each'
-# clips each term's gradient on its own; 'normalize' rescales each semantic level's gradient to `ratio` times CE's norm,
-# so the CLIP losses steer the direction without drowning CE (their raw gradients dwarf CE's: docs/balance.md).
-BALANCES = ('sum', 'clip_each', 'normalize')
-
-
-def norm_of(grads) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def term_gradients(terms: dict, params, scale=1.0, keep_graph: bool = False, norms_only: bool = False) -> dict:
-    """{term: its gradient at params (a list like params), or with norms_only its norm alone}, each term through the
-    one shared graph (kept after the last with keep_graph, for a backward of the sum). scale: the grad scaler's
-    factor (fp16), divided out again."""
-    out, names = {}, list(terms)
-    for i, name in enumerate(names):
-        keep = keep_graph or i < len(names) - 1
-        found = torch.autograd.grad(terms[name] * scale, params, retain_graph=keep, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g / scale for p, g in zip(params, found)]
-        out[name] = norm_of(grads) if norms_only else grads  # norms only: no copy of a large model's gradient kept
-    return out
-
-
-def combine(grads: dict, norms: dict, balance: str, grad_clip: float, ratio: float):
-    """One update direction from the terms' gradients and their norms (BALANCES) -> (gradient list, whether a clip
-    bound)."""
-    if balance == 'clip_each':
-        factors = {name: torch.clamp(grad_clip / (n + 1e-6), max=1.0) for name, n in norms.items()}
-        bound = any(bool(n > grad_clip) for n in norms.values())
-    elif balance == 'normalize':
-        factors = {name: (1.0 if name == 'ce' else ratio * norms['ce'] / (n + 1e-12)) for name, n in norms.items()}
-        bound = False
-    else:
-        factors, bound = {name: 1.0 for name in grads}, False
-    total = [sum(factors[name] * grads[name][i] for name in grads) for i in range(len(next(iter(grads.values()))))]
-    return total, bound
-
-
-def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at step `total`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def optimizer_step(terms: dict, optimizer, scaler, params, grad_clip: float, balance: str = 'sum', ratio: float = 0.1,
-                   record: bool = False, reduce=None):
-    """Backward (through the grad scaler for fp16), balance, clip, step -> (the update's gradient norm before the
-    global clip, record).
-    record: {'grad_<term>': each term's gradient norm at the trainable parameters, 'clipped': whether a clip bound},
-    taken from each term's own backward (the logged steps only, in the 'sum' balance: it costs a backward per term).
-    reduce: averages a gradient list over DDP's processes, where the gradients were taken term by term."""
-    optimizer.zero_grad(set_to_none=True)
-    # the scaler's factor as a tensor: scale() also sets the scaler up, which unscale_ needs (fp16)
-    scale = scaler.scale(torch.ones((), device=params[0].device)) if scaler.is_enabled() else 1.0
-    if balance == 'sum':
-        norms = term_gradients(terms, params, scale, keep_graph=True, norms_only=True) if record else {}
-        scaler.scale(sum(terms.values())).backward()  # Eq. 9
-        bound = False
-    else:
-        grads = term_gradients(terms, params, scale)
-        if reduce is not None:
-            grads = {name: reduce(g) for name, g in grads.items()}
-        norms = {name: norm_of(g) for name, g in grads.items()}
-        total, bound = combine(grads, norms, balance, grad_clip, ratio)
-        for p, g in zip(params, total):
-            p.grad = (g * scale).to(p.dtype)  # scaled again: unscale_ below checks it for inf / NaN as it does a backward's
-    scaler.unscale_(optimizer)
-    clip_at = float('inf') if balance == 'clip_each' else grad_clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_at)
-    scaler.step(optimizer)
-    scaler.update()
-    if not record:
-        return grad_norm, {}
-    row = {f'grad_{name}': n.item() for name, n in norms.items()}
-    row['clipped'] = bound or (balance != 'clip_each' and grad_norm.item() > grad_clip)
-    return grad_norm, row
