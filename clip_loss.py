@@ -98,22 +98,60 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, texts:
     return (image_to_text + text_to_image) / 2
 
 
-def soft_token_maps(logits_BLV: torch.Tensor, codebook_VC: torch.Tensor, patch_nums: Sequence[int],
-                    temperature: float = 1.0, gumbel: bool = False) -> List[torch.Tensor]:
-    """Predicted residual maps R_t, differentiably: softmax(logits / T) @ codebook, per scale (B, Cvae, pn, pn).
+# How a token map is made differentiable (--tokens; the paper does not say): 'soft', softmax(logits / T) @ codebook;
+# 'gumbel', one codebook entry sampled forward and the soft gradient backward (straight-through Gumbel-softmax);
+# 'argmax', the most likely entry forward, the soft gradient backward; 'rollout', free running: the VAR draws each
+# scale (straight-through Gumbel) from the scales it drew itself, as the sampler does (rollout_token_maps), instead
+# of reading the teacher-forced logits, whose every scale sees the image's own coarser tokens.
+TOKENS = ('soft', 'gumbel', 'argmax', 'rollout')
 
-    With gumbel, a straight-through Gumbel-softmax: one sampled codebook entry forward, the soft gradient backward.
-    """
+
+def token_probs(logits_BlV: torch.Tensor, temperature: float, tokens: str) -> torch.Tensor:
+    """Logits (B, l, V) -> differentiable weights over the codebook (B, l, V), one-hot forward unless 'soft'."""
+    if tokens in ('gumbel', 'rollout'):
+        return F.gumbel_softmax(logits_BlV.float(), tau=temperature, hard=True, dim=-1)
+    probs = (logits_BlV.float() / temperature).softmax(dim=-1)
+    if tokens == 'argmax':
+        hard = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+        return hard + probs - probs.detach()  # straight-through: forward hard, backward soft
+    return probs
+
+
+def soft_token_maps(logits_BLV: torch.Tensor, codebook_VC: torch.Tensor, patch_nums: Sequence[int],
+                    temperature: float = 1.0, tokens: str = 'soft') -> List[torch.Tensor]:
+    """Predicted residual maps R_t, differentiably: token_probs @ codebook, per scale (B, Cvae, pn, pn)."""
     B = logits_BLV.shape[0]
-    if gumbel:
-        probs = F.gumbel_softmax(logits_BLV.float(), tau=temperature, hard=True, dim=-1)
-    else:
-        probs = (logits_BLV.float() / temperature).softmax(dim=-1)  # (B, L, V)
-    h_BLC = probs @ codebook_VC.float()  # (B, L, Cvae)
+    h_BLC = token_probs(logits_BLV, temperature, tokens) @ codebook_VC.float()  # (B, L, Cvae)
     maps, begin = [], 0
     for pn in patch_nums:
         maps.append(h_BLC[:, begin:begin + pn * pn].transpose(1, 2).reshape(B, -1, pn, pn))
         begin += pn * pn
+    return maps
+
+
+def rollout_token_maps(var_forward, var: nn.Module, quantizer: nn.Module, cond_BD: torch.Tensor,
+                       temperature: float = 1.0, prompt_1LC: Optional[torch.Tensor] = None,
+                       prefix_1PC: Optional[torch.Tensor] = None, draw: str = 'rollout') -> List[torch.Tensor]:
+    """The VAR's own maps R_1..R_K, free running and differentiable: scale k is drawn (straight-through Gumbel; draw
+    'argmax': the most likely entries) from logits conditioned on the maps drawn at scales 1..k-1, which enter the
+    next scale's input as in sampling (f_hat accumulated, area-downsampled). One teacher-forcing forward per scale:
+    the block-causal mask keeps the zeros that stand in for the scales not drawn yet out of scale k's logits.
+    var_forward: the VAR to call (compiled, say)."""
+    B, K = cond_BD.shape[0], len(quantizer.patch_nums)
+    last = quantizer.patch_nums[-1]
+    f_hat = cond_BD.new_zeros(B, var.Cvae, last, last, dtype=torch.float32)
+    inputs, maps = [], []  # inputs: the drawn scales' next-scale inputs, (B, pn*pn, Cvae) each
+    for si, pn in enumerate(quantizer.patch_nums):
+        known = sum(x.shape[1] for x in inputs)
+        x_BLCv = torch.cat(inputs + [f_hat.new_zeros(B, var.L - var.first_l - known, var.Cvae)], dim=1)
+        begin, end = var.begin_ends[si]
+        logits_BlV = var_forward(cond_BD, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)[:, begin:end]
+        h_BlC = token_probs(logits_BlV, temperature, draw) @ quantizer.embedding.weight.float()
+        maps.append(h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn))
+        f_hat = f_hat + quantizer.upsample_and_phi(si, maps[-1])
+        if si < K - 1:
+            nxt = quantizer.patch_nums[si + 1]
+            inputs.append(F.interpolate(f_hat, size=(nxt, nxt), mode='area').flatten(2).transpose(1, 2))
     return maps
 
 
@@ -167,7 +205,7 @@ class SemanticLoss(nn.Module):
     """L_semantic of Eq. 8 from teacher-forced logits, with the frozen VQVAE decoder and a frozen CLIP."""
 
     def __init__(self, clip: FrozenClip, vqvae: nn.Module, beta: float = 0.6, lambda_sen: float = 1.0,
-                 lambda_cap: float = 1.0, temperature: float = 1.0, gumbel: bool = False, chunk: int = 0):
+                 lambda_cap: float = 1.0, temperature: float = 1.0, tokens: str = 'soft', chunk: int = 0):
         """chunk: decode and embed I_sen and I_cap this many images at a time, recomputing them in the backward
         (EmbedInChunks, and the decoder layer by layer within a chunk: the same loss and gradient, for the activation
         memory of one decoder layer on `chunk` images instead of the whole decoder on 2B: at 256 px the decoder's
@@ -176,14 +214,16 @@ class SemanticLoss(nn.Module):
         self.clip, self.vqvae = clip, vqvae
         self.kappa = inter_anchor(beta, len(vqvae.patch_nums))
         self.lambda_sen, self.lambda_cap = lambda_sen, lambda_cap
-        self.temperature, self.gumbel, self.chunk = temperature, gumbel, chunk
+        assert tokens in TOKENS, tokens
+        self.temperature, self.tokens, self.chunk = temperature, tokens, chunk
 
-    def sen_cap_fhat(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
+    def sen_cap_fhat(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None, maps=None):
         """Eq. 7's decoder inputs: the soft maps of scales 1..kappa (I_sen) and 1..K (I_cap), accumulated as the
         VQVAE does, each (B, Cvae, h, w). first_idx_Bl: the image's own first-scale tokens (B, 1), used in place of
-        the first predicted map."""
+        the first predicted map. maps: the K maps themselves (rollout_token_maps), instead of the logits'."""
         quant = self.vqvae.quantize
-        maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.gumbel)
+        if maps is None:
+            maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.tokens)
         if first_idx_Bl is not None:
             maps[0] = quant.embedding(first_idx_Bl).transpose(1, 2).reshape_as(maps[0]).to(maps[0].dtype)
         f_hat_sen = sum(quant.upsample_and_phi(si, h) for si, h in enumerate(maps[:self.kappa]))
@@ -198,11 +238,11 @@ class SemanticLoss(nn.Module):
         """(I_sen part, I_cap part) of a batch made by wanted(), None for a level whose lambda is 0."""
         return (both[:B] if self.lambda_sen > 0 else None), (both[-B:] if self.lambda_cap > 0 else None)
 
-    def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None):
+    def decode_sen_cap(self, logits_BLV: torch.Tensor, first_idx_Bl: Optional[torch.Tensor] = None, maps=None):
         """Eq. 7: the images I_sen and I_cap in [-1, 1] (None for a level whose lambda is 0)."""
         if self.lambda_sen == self.lambda_cap == 0:
             return None, None
-        images = self.vqvae.fhat_to_img(self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl)))
+        images = self.vqvae.fhat_to_img(self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl, maps)))
         return self.split(images, logits_BLV.shape[0])
 
     def embed(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -221,13 +261,14 @@ class SemanticLoss(nn.Module):
         return {'sen': loss_sen, 'cap': loss_cap, 'semantic': self.lambda_sen * loss_sen + self.lambda_cap * loss_cap}
 
     def forward(self, logits_BLV: torch.Tensor, sentences: Sequence[str], captions: Sequence[str],
-                first_idx_Bl: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                first_idx_Bl: Optional[torch.Tensor] = None, maps=None) -> Dict[str, torch.Tensor]:
+        """maps: with --tokens rollout, the VAR's free-running maps (rollout_token_maps), which replace the logits'."""
         if self.lambda_sen == self.lambda_cap == 0:
             return self.score(None, None, sentences, captions)
         if self.chunk:
-            f_hat = self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl))
+            f_hat = self.wanted(*self.sen_cap_fhat(logits_BLV, first_idx_Bl, maps))
             feats_sen, feats_cap = self.split(EmbedInChunks.apply(f_hat, self.embed, self.chunk), logits_BLV.shape[0])
         else:  # one decoder pass for both images, then CLIP on each level's images
-            img_sen, img_cap = self.decode_sen_cap(logits_BLV, first_idx_Bl)
+            img_sen, img_cap = self.decode_sen_cap(logits_BLV, first_idx_Bl, maps)
             feats_sen, feats_cap = (self.clip.encode_image(img) if img is not None else None for img in (img_sen, img_cap))
         return self.score(feats_sen, feats_cap, sentences, captions)

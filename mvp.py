@@ -25,7 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, save_file
 
 from baselines import PrefilledPrompt, attach_lora, make_lora
-from clip_loss import FrozenClip, SemanticLoss
+from clip_loss import FrozenClip, SemanticLoss, rollout_token_maps
 from device import cast_once
 from frame_prompt import FramePrompt
 from pretrained import DEFAULT_CLIP, atomic_write, hub_file, load_backbone, load_clip, write_json
@@ -102,9 +102,20 @@ class MVP(nn.Module):
             logits_BLV = self.var_forward(cond_BC, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)
             losses = {'ce': F.cross_entropy(logits_BLV.view(-1, self.var.vocab_size), torch.cat(idx, dim=1).view(-1))}
             if self.semantic is not None:  # Eq. 8's two levels, on images decoded from the logits (clip_loss.py)
-                sem = self.semantic(logits_BLV, sentences, captions, idx[0] if self.first_scale_fixed else None)
+                maps = self.free_running_maps(text_cond_BC, labels_B, prompt_1LC, prefix_1PC)
+                first_map = idx[0] if self.first_scale_fixed and maps is None else None
+                sem = self.semantic(logits_BLV, sentences, captions, first_map, maps)
                 losses.update(sen=sem['sen'], cap=sem['cap'])
         return logits_BLV, losses
+
+    def free_running_maps(self, text_cond_BC, labels_B, prompt_1LC, prefix_1PC):
+        """With --tokens rollout, the maps the prompted VAR draws itself for the batch's conditions (none dropped: each
+        sample is judged against its own texts); else None, and the semantic loss reads the teacher-forced logits."""
+        if self.semantic.tokens != 'rollout':
+            return None
+        cond_BC = conditions(self.var, text_cond_BC, labels_B, drop=False, cond_drop=0.0)
+        return rollout_token_maps(self.var_forward, self.var, self.vae.quantize, cond_BC, self.semantic.temperature,
+                                  prompt_1LC, prefix_1PC)
 
     def objective(self, losses: dict) -> dict:
         """The terms of L = L_CE + lambda_sen * L_sen + lambda_cap * L_cap (Eq. 9), whose sum a step minimises; a

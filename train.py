@@ -37,7 +37,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from clip_loss import SemanticLoss
+from clip_loss import TOKENS, SemanticLoss
 from data import batches_of_epoch, build_dataset, epoch_loader
 from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
@@ -73,7 +73,8 @@ def get_args(argv=None):
     g.add_argument('--lambda_sen', type=float, default=1.0, help='weight of the sentence loss (0: off)')
     g.add_argument('--lambda_cap', type=float, default=1.0, help='weight of the caption loss (0: off)')
     g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
-    g.add_argument('--gumbel', action='store_true', help='straight-through Gumbel-softmax tokens instead of soft ones')
+    g.add_argument('--tokens', default='soft', choices=TOKENS, help='how I_sen and I_cap\'s token maps are made '
+                   'differentiable: soft, straight-through gumbel or argmax, or a free-running rollout (clip_loss.py)')
     g.add_argument('--balance', default='sum', choices=BALANCES,
                    help='how the losses\' gradients make an update: sum (Eq. 9, one clip on the total), clip_each (each '
                         'loss\'s gradient clipped to --grad_clip on its own) or normalize (each CLIP level\'s gradient '
@@ -451,7 +452,7 @@ def run(args, proc: Process, dtype, ckpt, resume_path, dataset, steps_per_epoch:
         init_text_projection(parts.text_cond, clip, var, dataset)
     chunk = args.semantic_chunk if args.semantic_chunk is not None else (1 if vae.image_size >= 256 else 0)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
-                            args.gumbel, chunk) if semantic_on else None
+                            args.tokens, chunk) if semantic_on else None
     # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
     first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     if args.compile:  # the gradient record and --balance take several backwards through one compiled graph, which

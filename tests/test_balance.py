@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clip_loss import SemanticLoss  # noqa: E402
+from clip_loss import TOKENS, SemanticLoss, rollout_token_maps  # noqa: E402
 from frame_prompt import FramePrompt  # noqa: E402
 from mvp import MVP, TunedParts  # noqa: E402
 from update import optimizer_step  # noqa: E402
@@ -117,3 +117,53 @@ def test_a_grad_scaler_leaves_every_balance_unchanged(tiny_vae, tiny_var, tiny_c
                                  scaler=torch.amp.GradScaler('cpu', init_scale=1024.0, enabled=True))
     torch.testing.assert_close(scaled, plain, rtol=1e-4, atol=1e-8)
     assert scaled_row == pytest.approx(plain_row, rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# the differentiable paths of I_sen and I_cap (clip_loss.TOKENS, train.py --tokens)
+
+
+@pytest.mark.parametrize('tokens', TOKENS)
+def test_every_differentiable_path_gives_the_prompts_a_semantic_gradient(tiny_vae, tiny_var, tiny_clip, tokens):
+    torch.manual_seed(0)
+    parts = TunedParts(FramePrompt(tiny_var.patch_nums, tiny_var.width, 20))
+    with torch.no_grad():
+        parts.prompt.tokens.normal_(0, 0.5)
+    model = MVP(tiny_vae, tiny_var, parts, None, SemanticLoss(tiny_clip, tiny_vae, tokens=tokens), first_scale_fixed=True)
+    _, losses = model(model.tokenise(torch.rand(4, 3, 16, 16) * 2 - 1), torch.tensor([0, 1, 0, 2]), SENTENCES, CAPTIONS)
+    (losses['sen'] + losses['cap']).backward()  # the semantic levels alone, without CE
+    assert torch.isfinite(parts.prompt.tokens.grad).all() and parts.prompt.tokens.grad.abs().sum() > 0
+
+
+def test_the_rollout_draws_each_scale_from_its_own_tokens_as_the_sampler_does(tiny_vae, tiny_var):
+    """Drawn greedily, the rollout's maps are the codebook entries of the sampler's greedy tokens (no guidance, top-1),
+    prompt included: each scale is conditioned on the scales the model drew itself."""
+    torch.manual_seed(0)
+    prompt = FramePrompt(tiny_var.patch_nums, tiny_var.width, 20)
+    with torch.no_grad():
+        prompt.tokens.normal_(0, 0.5)
+    cond = tiny_var.class_emb(torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        maps = rollout_token_maps(tiny_var, tiny_var, tiny_vae.quantize, cond, prompt_1LC=prompt(), draw='argmax')
+        greedy = tiny_var.generate(tiny_vae, cond, cfg=0.0, top_k=1, prompt_1LC=prompt())
+    codebook = tiny_vae.quantize.embedding.weight
+    for si, pn in enumerate(tiny_var.patch_nums):
+        expected = codebook[greedy[si]].transpose(1, 2).reshape(3, tiny_var.Cvae, pn, pn)
+        torch.testing.assert_close(maps[si], expected)
+
+
+def test_the_rollouts_semantic_loss_never_reads_the_images_tokens(tiny_vae, tiny_var, tiny_clip):
+    """Two batches of other images with the same labels and seed: the same semantic losses free running, other
+    ones teacher-forced."""
+    parts = TunedParts(FramePrompt(tiny_var.patch_nums, tiny_var.width, 20))
+    labels = torch.tensor([0, 1, 0, 2])
+    images = [torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2)]
+    for tokens, same in (('rollout', True), ('soft', False)):
+        model = MVP(tiny_vae, tiny_var, parts, None, SemanticLoss(tiny_clip, tiny_vae, tokens=tokens),
+                    first_scale_fixed=True)
+        found = []
+        for batch in images:
+            torch.manual_seed(3)
+            _, losses = model(model.tokenise(batch), labels, SENTENCES, CAPTIONS)
+            found.append(torch.stack([losses['sen'], losses['cap']]))
+        assert torch.equal(found[0], found[1]) == same, tokens
