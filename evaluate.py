@@ -3,6 +3,11 @@ Score a tuned run on the shapes world, against the same backbone without MVP.
 
     python evaluate.py --ckpt runs/quickstart/ckpt.pt
 
+World v3 (--data world3): every figure from the judge (world3.Judge, trained on renders, used by no loss), the
+miniature's Inception: class-to-image, the class it recognises in the samples, FD_judge, IS_judge, precision and
+recall; text-to-image, the share of each held-out caption's attributes it reads in the sample. The training CLIP's
+FD_clip is a second column. World v2 (--data shapes), until it retires:
+
 Class-to-image: FD between samples and held-out renders in the tiny CLIP's feature space (FD_clip, lower is
 better; never called FID: these are not Inception features) and the fraction of samples the shape classifier
 recognises as their class. Text-to-image, for held-out captions: attribute accuracy (the fraction of the caption's
@@ -25,10 +30,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import shapes
+import world3
 from clip_loss import FrozenClip, SemanticLoss, contrastive_loss, inter_anchor
 from data import build_dataset, collate
 from device import DTYPES, set_conv_layout
-from fid import ClipFeatures, clip_score, fd_clip, feature_statistics, frechet_distance
+from fid import (ClipFeatures, clip_score, fd_clip, feature_statistics, frechet_distance, inception_score,
+                 precision_recall)
 from mvp import build_run, check_sampling, generate_images, init_text_projection, load_run
 from pretrained import check_writable, load_backbone, load_clip, save_grid, to_uint8, write_json
 
@@ -69,11 +76,71 @@ def held_out_images(data: str, items, image_size: int, n: int, seed: int) -> np.
     return to_uint8(torch.stack([dataset.load_image(int(i)) for i in chosen]).add(1).mul(0.5))
 
 
+def before_and_after(config: dict, vae, var, clip, parts, device) -> list:
+    """[(name, VAR, trained parts)] for "before" and "after": before is the same backbone with nothing trained (the
+    plain VAR in class-to-image, a fresh copy for LoRA and full fine-tuning, which change the VAR itself; zero prompts
+    and the least-squares text projection in text-to-image), after the run."""
+    if not config['t2i']:
+        plain = var if config['prompt'] in ('mvp', 'prefilled') else load_backbone(config['backbone'], config['depth'],
+                                                                                 config.get('cache_dir'), device)[1]
+        return [('before', plain, None), ('after', var, parts)]
+    _, plain, _, untrained = build_run(config, device, need_clip=False)  # the same run's modules, before any step:
+    if untrained.prompt is not None:
+        untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
+    run_dataset = build_dataset(argparse.Namespace(**config), vae.image_size)  # ... and the least-squares text projection,
+    init_text_projection(untrained.text_cond, clip, plain, run_dataset)  # fitted on the run's own training texts
+    return [('before', plain, untrained), ('after', var, parts)]
+
+
+@torch.no_grad()
+def evaluate_world3_run(config: dict, vae, var, clip, parts, per_class: int, n_texts: int, seed: int,
+                        cfg_scale: float, device, dtype) -> dict:
+    """World v3: every figure from the judge (world3.Judge, trained on renders, used by no loss): class-to-image,
+    the class it recognises, FD_judge, IS_judge, precision and recall in its space; text-to-image, the fraction of
+    held-out captions' attributes (shape, colour, texture, background) it reads in the samples, and FD_judge. The
+    training CLIP's FD_clip is a second column."""
+    judge = world3.load_judge(config['backbone']).to(device)
+    features = ClipFeatures(pretrained=os.path.join(config['backbone'], 'clip'), device=device)
+    items = world3.make_split('test', per_class * var.num_classes if not config['t2i'] else n_texts, seed)
+    reference = np.stack([world3.render(a) for a in items])
+    reference_feats = world3.judged(judge, shapes.to_input(reference, device))[0]
+    reference_judge = feature_statistics(reference_feats)
+    reference_clip = feature_statistics(features.images(reference))
+    labels = torch.tensor([a['label'] for a in items], device=device)
+    captions = [world3.caption(a) for a in items]
+    results = {}
+    for name, model, tuned in before_and_after(config, vae, var, clip, parts, device):
+        conditions = dict(texts=captions) if config['t2i'] else dict(labels=labels)
+        images = torch.cat([generate_images(vae, model, tuned, clip, cfg_scale=cfg_scale, seed=seed + i, dtype=dtype,
+                                            **{k: v[i:i + 100] for k, v in conditions.items()})
+                            for i in range(0, len(items), 100)])
+        x = images * 2 - 1
+        feats, class_logits = world3.judged(judge, x)
+        fd, fd_se = fd_with_se(feats, reference_judge, seed=seed)
+        fd_clip_, fd_clip_se = fd_with_se(features.images(to_uint8(images)), reference_clip, seed=seed)
+        row = {'FD_judge': fd, 'FD_judge_se': fd_se}
+        if config['t2i']:
+            right_NA = (world3.read(judge, x) == world3.targets(items).to(device)).float().cpu().numpy()
+            row['attribute_accuracy'], row['attribute_accuracy_se'] = mean_with_se(right_NA.mean(axis=1))
+            for a, column in zip(world3.ATTRIBUTES, right_NA.T):
+                row[f'{a}_accuracy'], row[f'{a}_accuracy_se'] = mean_with_se(column)
+        else:
+            recognised = class_logits.argmax(1) == labels.cpu().numpy()
+            row['class_accuracy'], row['class_accuracy_se'] = mean_with_se(recognised)
+            row['IS_judge'] = inception_score(class_logits)[0]
+            row['precision'], row['recall'] = precision_recall(reference_feats, feats)
+        row['FD_clip'], row['FD_clip_se'] = fd_clip_, fd_clip_se
+        results[name] = row
+    return results
+
+
 @torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu', dtype=torch.float32) -> dict:
     config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
     set_conv_layout(vae, dtype)
+    if config['data'] == 'world3':
+        return evaluate_world3_run(config, vae, var, clip, parts, per_class, n_texts, seed, cfg_scale, device, dtype)
     if config['t2i'] and config['data'] != 'shapes':
         raise ValueError(f'{ckpt}: text-to-image is scored on the shapes world\'s captions only (--data shapes), '
                          f'not on {config["data"]}')
@@ -84,13 +151,10 @@ def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int =
     reference = held_out_images(config['data'], reference_items, vae.image_size, n_reference, seed)
     reference_stats = feature_statistics(features.images(reference))
     reference_cls = feature_statistics(classifier_features(classifier, reference))
-    results = {}
+    results, runs = {}, before_and_after(config, vae, var, clip, parts, device)
     if not config['t2i']:
         labels = torch.arange(var.num_classes, device=device).repeat_interleave(per_class)
-        # LoRA and full fine-tuning change the VAR itself: their "before" is a fresh copy of the backbone
-        plain = var if config['prompt'] in ('mvp', 'prefilled') else load_backbone(config['backbone'], config['depth'],
-                                                                                 config.get('cache_dir'), device)[1]
-        for name, model, tuned in (('before', plain, None), ('after', var, parts)):
+        for name, model, tuned in runs:
             images = torch.cat([generate_images(vae, model, tuned, clip, labels=labels[i:i + 100], cfg_scale=cfg_scale,
                                                 seed=seed + i, dtype=dtype) for i in range(0, len(labels), 100)])
             recognised = (classifier(images * 2 - 1).argmax(1) == labels).float().cpu().numpy()
@@ -103,12 +167,7 @@ def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int =
         return results
     items = reference_items[:n_texts]
     captions = [shapes.caption(a) for a in items]
-    _, plain, _, untrained = build_run(config, device, need_clip=False)  # the same run's modules, before any step:
-    if untrained.prompt is not None:
-        untrained.prompt.tokens.data.zero_()  # zero prompts (MVP's init; LoRA starts at a zero update) ...
-    run_dataset = build_dataset(argparse.Namespace(**config), vae.image_size)  # ... and the least-squares text projection,
-    init_text_projection(untrained.text_cond, clip, plain, run_dataset)  # fitted on the run's own training texts
-    for name, model, tuned in (('before', plain, untrained), ('after', var, parts)):
+    for name, model, tuned in runs:
         images = torch.cat([generate_images(vae, model, tuned, clip, texts=captions[i:i + 50], cfg_scale=cfg_scale,
                                             seed=seed + i, dtype=dtype) for i in range(0, len(captions), 50)])
         arrays = to_uint8(images)

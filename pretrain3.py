@@ -423,16 +423,6 @@ def train_var(args):
 
 
 @torch.no_grad()
-def judged(judge, x_B3HW: torch.Tensor, chunk: int = 500):
-    """The judge's pooled features (N, D) and class logits (N, 10) of images in [-1, 1], as numpy."""
-    feats, logits = [], []
-    for i in range(0, len(x_B3HW), chunk):
-        pooled = judge.pooled(x_B3HW[i:i + chunk])
-        feats.append(pooled.cpu())
-        logits.append(world3.logits_of(judge.head(pooled))['shape'].cpu())
-    return torch.cat(feats).double().numpy(), torch.cat(logits).double().numpy()
-
-
 def evaluate_var(args) -> dict:
     """G3: class-conditional samples (cfg, top-k, top-p as given) recognised by the judge; FD_judge of the samples
     and of VQVAE reconstructions against held-out renders (the reconstructions' FD is the floor the tokens set);
@@ -450,7 +440,8 @@ def evaluate_var(args) -> dict:
     other = to_input(world3.rendered('test', len(labels), args.seed + 4)[0], device)  # not the reference renders
     with torch.no_grad():
         rec = torch.cat([vae.reconstruct(other[i:i + 250]).float().clamp(-1, 1) for i in range(0, len(other), 250)])
-    (ref_feats, _), (sample_feats, sample_logits), (rec_feats, _) = (judged(judge, x) for x in (reference, samples, rec))
+    (ref_feats, _), (sample_feats, sample_logits), (rec_feats, _) = (world3.judged(judge, x)
+                                                                      for x in (reference, samples, rec))
     fd = lambda feats: round(frechet_distance(*feature_statistics(feats), *feature_statistics(ref_feats)), 3)
     precision, recall = precision_recall(ref_feats, sample_feats)
     report = {'samples': len(labels), 'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p,

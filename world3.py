@@ -251,6 +251,17 @@ def accuracies(judge: Judge, x_B3HW: torch.Tensor, items) -> dict:
     return {a: round(float(v), 4) for a, v in zip(ATTRIBUTES, right)}
 
 
+@torch.no_grad()
+def judged(judge: Judge, x_B3HW: torch.Tensor, chunk: int = 500):
+    """The judge's pooled features (N, D), FD_judge's space, and class logits (N, 10) of images in [-1, 1], as numpy."""
+    feats, logits = [], []
+    for i in range(0, len(x_B3HW), chunk):
+        pooled = judge.pooled(x_B3HW[i:i + chunk])
+        feats.append(pooled.cpu())
+        logits.append(logits_of(judge.head(pooled))['shape'].cpu())
+    return torch.cat(feats).double().numpy(), torch.cat(logits).double().numpy()
+
+
 def save_judge(judge: Judge, path: str):
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}, path)
 

@@ -61,10 +61,16 @@ def run_pretrain3(out, *flags):
                           timeout=600)
 
 
-def test_pretrain3_writes_every_gate_and_stops_at_the_first_missed(tmp_path):
-    result = run_pretrain3(tmp_path)
-    assert result.returncode != 0 and 'gate G0 missed' in result.stderr.strip().splitlines()[-1]  # a 1-epoch judge
-    result = run_pretrain3(tmp_path, '--keep_going')
+@pytest.fixture(scope='module')
+def tiny_world3(tmp_path_factory):
+    """A tiny v3 backbone, built twice: stopped at the first gate missed, then on with --keep_going."""
+    out = tmp_path_factory.mktemp('world3')
+    return out, run_pretrain3(out), run_pretrain3(out, '--keep_going')
+
+
+def test_pretrain3_writes_every_gate_and_stops_at_the_first_missed(tiny_world3):
+    tmp_path, stopped, result = tiny_world3
+    assert stopped.returncode != 0 and 'gate G0 missed' in stopped.stderr.strip().splitlines()[-1]  # a 1-epoch judge
     assert result.returncode == 0, result.stderr[-2000:]
     assert '[judge] finished earlier' in result.stdout  # the finished stage is not trained again
     reports = {s: json.load(open(tmp_path / f'report_{s}.json')) for s in ('judge', 'vqvae', 'clip', 'var')}
@@ -91,3 +97,23 @@ def test_pretrain3_bad_input_is_one_line(tmp_path, flags, message):
         pretrain3.main(['--out', str(tmp_path / 'out'), *flags])
     assert str(stop.value).startswith(f'error: {message}') and '\n' not in str(stop.value)
     assert not (tmp_path / 'out').exists()  # checked before any work
+
+
+@pytest.mark.parametrize('task', ['c2i', 't2i'])
+def test_a_run_on_world3_is_scored_by_the_judge(tiny_world3, tmp_path, task):
+    """train.py --data world3 on the v3 backbone, then evaluate.py's figures: the judge's (FD_judge, class or
+    per-attribute accuracy, with standard errors), the training CLIP's FD_clip as a second column."""
+    import evaluate
+    import train
+    backbone = str(tiny_world3[0])
+    train.main(['--backbone', backbone, '--data', 'world3', '--shapes_n', '16', '--batch_size', '4', '--max_steps', '2',
+                '--num_workers', '0', '--device', 'cpu', '--sample_every', '0', '--out_dir', str(tmp_path / 'run'),
+                *(['--t2i'] if task == 't2i' else [])])
+    results = evaluate.evaluate_run(str(tmp_path / 'run' / 'ckpt.pt'), per_class=2, n_texts=12)
+    assert set(results) == {'before', 'after'}
+    wanted = {'FD_judge', 'FD_judge_se', 'FD_clip', 'FD_clip_se'} | (
+        {'attribute_accuracy', *(f'{a}_accuracy' for a in world3.ATTRIBUTES)} if task == 't2i' else
+        {'class_accuracy', 'class_accuracy_se', 'IS_judge', 'precision', 'recall'})
+    for row in results.values():
+        assert wanted <= set(row) and all(np.isfinite(v) for v in row.values())
+        assert 0 <= row.get('class_accuracy', row.get('attribute_accuracy')) <= 1
