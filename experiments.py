@@ -78,6 +78,17 @@ RUNS = {
     't2i_bal_norm0.1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '0.1'],
     't2i_bal_norm1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '1'],
     't2i_bal_clip_each': ['--t2i', '--balance', 'clip_each'],
+    # how I_sen and I_cap are made differentiable (clip_loss.TOKENS; soft tokens at T = 1 is the default, 'mvp')
+    'tok_soft0.5': ['--soft_temperature', '0.5'],
+    'tok_soft2': ['--soft_temperature', '2'],
+    'tok_gumbel': ['--tokens', 'gumbel'],
+    'tok_argmax': ['--tokens', 'argmax'],
+    'tok_rollout': ['--tokens', 'rollout'],
+    't2i_tok_soft0.5': ['--t2i', '--soft_temperature', '0.5'],
+    't2i_tok_soft2': ['--t2i', '--soft_temperature', '2'],
+    't2i_tok_gumbel': ['--t2i', '--tokens', 'gumbel'],
+    't2i_tok_argmax': ['--t2i', '--tokens', 'argmax'],
+    't2i_tok_rollout': ['--t2i', '--tokens', 'rollout'],
     # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
     'x_mvp': ['--data', '{domain}'],
     'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
@@ -88,11 +99,17 @@ DOMAIN_STYLE = 'upside_down'  # shapes.py's second domain
 # metric -> (column header, better: 'lower' or 'higher', format)
 METRICS = {
     'FD_cls': ('FD_cls ↓', 'lower', '{:.2f}'),
+    'FD_judge': ('FD_judge ↓', 'lower', '{:.2f}'),  # world v3's judge (world3.Judge), the miniature's Inception
+    'IS_judge': ('IS_judge ↑', 'higher', '{:.2f}'),
+    'precision': ('precision ↑', 'higher', '{:.3f}'),
+    'recall': ('recall ↑', 'higher', '{:.3f}'),
     'FD_clip': ('FD_clip ↓', 'lower', '{:.2f}'),
     'class_accuracy': ('class acc ↑', 'higher', '{:.3f}'),
     'clip_score': ('CLIP-score ↑', 'higher', '{:.2f}'),
     'attribute_accuracy': ('attribute acc ↑', 'higher', '{:.3f}'),
     'shape_accuracy': ('of it, shape ↑', 'higher', '{:.3f}'),  # the attribute that moves most here
+    'colour_accuracy': ('colour ↑', 'higher', '{:.3f}'),
+    'texture_accuracy': ('texture ↑', 'higher', '{:.3f}'),  # world v3's fine attribute
     'trainable': ('trainable params', 'lower', '{:,.0f}'),
     'trainable_pct': ('% of VAR', 'lower', '{:.2f}'),
     'train_s': ('train s', 'lower', '{:.1f}'),
@@ -206,7 +223,24 @@ SECTIONS += [
          rows=[(label, 't2i_' + run, 'after') for label, run in BALANCE_ROWS],
          claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'attribute_accuracy')]),
 ]
-TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal')
+PATH_ROWS = [('CE only', 'sem_none'), ('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 1 (default)', 'mvp'),
+             ('soft, T = 2', 'tok_soft2'), ('straight-through Gumbel', 'tok_gumbel'),
+             ('straight-through argmax', 'tok_argmax'), ('free-running rollout', 'tok_rollout')]
+PATH_PAPER = ('No method given: the paper does not say how I_sen and I_cap are made differentiable. Each path is '
+              'judged against CE alone on world v3\'s judge (FD_judge, the class or the caption attributes it reads); '
+              'FD_clip, the training CLIP\'s own space, is shown and never used to choose.')
+SECTIONS += [
+    dict(table='paths', title='The differentiable path of the semantic loss, class-to-image', paper=PATH_PAPER,
+         metrics=('FD_judge', 'class_accuracy', 'IS_judge', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'train_s'),
+         rows=[(label, run, 'after') for label, run in PATH_ROWS],
+         claims=[(label, 'CE only', m) for label, _ in PATH_ROWS[1:] for m in ('FD_judge', 'class_accuracy')]),
+    dict(table='paths', title='The differentiable path of the semantic loss, text-to-image', paper=PATH_PAPER,
+         metrics=('FD_judge', 'attribute_accuracy', 'texture_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce',
+                  'train_s'),
+         rows=[(label, 't2i_' + run, 'after') for label, run in PATH_ROWS],
+         claims=[(label, 'CE only', m) for label, _ in PATH_ROWS[1:] for m in ('FD_judge', 'attribute_accuracy')]),
+]
+TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
 # for the time estimate: measured by the version 2 grid on this project's 2-core CPU machines, two runs at a time at
 # one torch thread each: seconds per step at batch 16 (the training loop's own time over 300 steps), and per evaluated
@@ -333,8 +367,9 @@ def commands(args, name: str, seed: int):
     flags = [f.format(seed=seed, domain=domain_folder(args)) for f in RUNS[name]]
     if '--data' in flags:  # an image folder, with its captions
         data = ['--captions', os.path.join(domain_folder(args), 'captions.jsonl')]
-    else:
-        data = ['--data', 'shapes', '--shapes_n', str(args.shapes_n)]
+    else:  # the world the backbone was built for: v3's (pretrain3.py) holds its judge
+        world = 'world3' if os.path.isfile(os.path.join(args.backbone, 'judge.pth')) else 'shapes'
+        data = ['--data', world, '--shapes_n', str(args.shapes_n)]
     method = flags[flags.index('--prompt') + 1] if '--prompt' in flags else 'mvp'
     lr = {'lora': args.lr_lora, 'full': args.lr_full}.get(method, args.lr)
     extra = ['--lora_rank', str(args.lora_rank)] if method == 'lora' else []
@@ -432,8 +467,10 @@ def restore_records(args, grid):
 
 
 def has_judge(folder: str) -> bool:
-    """The run's eval.json has the independent judge's FD_cls (evaluations made before evaluate.py wrote it do not)."""
-    return 'FD_cls' in ((read_json(os.path.join(folder, 'eval.json')) or {}).get('after') or {})
+    """The run's eval.json has an independent judge's FD (FD_cls in world v2, FD_judge in v3; evaluations made
+    before evaluate.py wrote it do not)."""
+    after = (read_json(os.path.join(folder, 'eval.json')) or {}).get('after') or {}
+    return 'FD_cls' in after or 'FD_judge' in after
 
 
 def is_cached(args, name: str, seed: int) -> bool:

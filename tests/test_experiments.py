@@ -195,3 +195,20 @@ def test_bad_flags_stop_before_any_run(tmp_path, capsys):
             experiments.main(['--tables', '1', '--seeds', '0', '--out', str(tmp_path / 'out'), *flags])
         assert message in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_world3_backbone_trains_on_world3_and_the_paths_table_runs_every_token_path(tmp_path):
+    """The grid trains on the world its backbone was built for (a v3 backbone holds judge.pth), and the paths study
+    runs each of clip_loss.TOKENS once per task, beside CE alone and the soft temperatures."""
+    from clip_loss import TOKENS
+    backbone = tmp_path / 'world3'
+    backbone.mkdir()
+    (backbone / 'judge.pth').write_bytes(b'')
+    args = experiments.get_args(['--backbone', str(backbone), '--tables', 'paths', '--seeds', '0'])
+    trains = {name: experiments.commands(args, name, 0)[0] for name in args.run_list}
+    assert all(cmd[cmd.index('--data') + 1] == 'world3' for cmd in trains.values())
+    drawn = {cmd[cmd.index('--tokens') + 1] for cmd in trains.values() if '--tokens' in cmd}
+    assert drawn | {'soft'} == set(TOKENS) and len(trains) == 14
+    shipped = experiments.get_args(['--tables', 'paths', '--seeds', '0'])  # the v2 backbone: the v2 world
+    train = experiments.commands(shipped, 'tok_rollout', 0)[0]
+    assert train[train.index('--data') + 1] == 'shapes'
