@@ -34,7 +34,6 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from clip_loss import TOKENS, SemanticLoss
@@ -44,6 +43,7 @@ from frame_prompt import PLACEMENTS, FramePrompt
 from mvp import (CONFIG_FILE, MVP, build_run, check_same_architecture, generate_images, init_text_projection,
                  load_checkpoint, load_trained, save_prompt, write_config)
 from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, lock_folder, save_grid
+from runlog import log_row, plot_losses
 from update import BALANCES, optimizer_step, warmup_cosine_lr
 
 
@@ -149,71 +149,8 @@ def check_args(args):
         raise ValueError(f'--captions {args.captions}: no such file')
 
 
-GRAD_KEYS = ('grad_ce', 'grad_sen', 'grad_cap')  # each loss's own gradient norm, as log_step records them
-GRAD_COLOURS = {'grad_ce': (40, 90, 200), 'grad_sen': (220, 120, 20), 'grad_cap': (40, 160, 70)}
-
-
-def plot_losses(log_path: str, png_path: str, keys=('loss', 'ce', 'sen', 'cap'), guess: Optional[float] = None,
-                grad_clip: Optional[float] = None):
-    """A small line plot of the logged losses, one panel per loss (no plotting library needed), and a last panel with
-    each loss's gradient norm on a log scale. Dashed lines: `guess` in the CLIP losses' panels, log(batch size), what
-    a contrastive loss pays for guessing; `grad_clip` in the gradients' panel."""
-    with open(log_path) as f:
-        rows = [row for line in f if (row := log_row(line)) is not None]
-    finite = lambda k: [(r['step'], r[k]) for r in rows if math.isfinite(r.get(k, math.nan))]  # a skipped fp16 step
-    panels = [(k, {k: finite(k)}, (guess, 'log B') if k in ('sen', 'cap') else None) for k in keys if finite(k)]
-    grads = {k: [(r['step'], math.log10(max(r[k], 1e-12))) for r in rows if math.isfinite(r.get(k, math.nan))]
-             for k in GRAD_KEYS}
-    if any(grads.values()):
-        clip_line = (math.log10(grad_clip), 'clip') if grad_clip else None
-        panels.append(('log10 gradient norm: ce blue, sen orange, cap green', {k: v for k, v in grads.items() if v},
-                       clip_line))
-    if not panels:
-        return
-    W, H, pad = 360, 200, 30
-    img = Image.new('RGB', (W * len(panels), H), 'white')
-    draw = ImageDraw.Draw(img)
-    smax = max(max(r['step'] for r in rows), 1)
-    for i, (title, series, line_at) in enumerate(panels):
-        draw_panel(draw, i * W, W, H, pad, smax, title, series, line_at)
-    img.save(png_path)
-
-
-def draw_panel(draw, x0: int, W: int, H: int, pad: int, smax: int, title: str, series: dict, line_at):
-    """One panel: each series {key: [(step, value)]} as a line (GRAD_COLOURS, else blue); line_at, (value, name) or
-    None, dashed in red."""
-    line_at, line_name = line_at or (None, None)
-    values = [v for pts in series.values() for _, v in pts] + ([line_at] if line_at is not None else [])
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1e-6
-    y_of = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
-    draw.rectangle((x0 + pad, pad, x0 + W - pad, H - pad), outline=(180, 180, 180))
-    if line_at is not None:
-        for x in range(x0 + pad, x0 + W - pad, 8):
-            draw.line([(x, y_of(line_at)), (min(x + 4, x0 + W - pad), y_of(line_at))], fill=(200, 60, 60), width=1)
-        draw.text((x0 + W - pad - 70, y_of(line_at) - 12), f'{line_name} = {line_at:.2f}', fill=(200, 60, 60))
-    for key, pts in series.items():
-        xy = [(x0 + pad + (s / smax) * (W - 2 * pad), y_of(v)) for s, v in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=GRAD_COLOURS.get(key, (40, 90, 200)), width=2)
-    last = f'  (last {next(iter(series.values()))[-1][1]:.4f})' if len(series) == 1 else ''
-    draw.text((x0 + pad, 8), title + last, fill='black')
-    draw.text((x0 + 2, pad - 4), f'{hi:.3g}', fill='gray')
-    draw.text((x0 + 2, H - pad - 6), f'{lo:.3g}', fill='gray')
-    draw.text((x0 + W - pad - 30, H - pad + 6), f'step {smax}', fill='gray')
-
-
 # -----------------------------------------------------------------------------
 # data, and the loop's plumbing
-
-
-def log_row(line: str) -> Optional[dict]:
-    """A row of log.jsonl, or None for a blank or torn line (a kill or a full disk can leave the last one half-written)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) and 'step' in row else None
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import pretrained  # noqa: E402
 import sample  # noqa: E402
 import device  # noqa: E402
 import mvp  # noqa: E402
+import runlog  # noqa: E402
 import train  # noqa: E402
 from conftest import offline_hub_env, write_hf_cache  # noqa: E402
 from pretrained import load_backbone, load_clip, save_backbone  # noqa: E402
@@ -917,8 +918,8 @@ def test_loss_plot_marks_the_guessing_level_in_the_clip_losses_panels_alone(tmp_
     log = tmp_path / 'log.jsonl'
     log.write_text(''.join(json.dumps({'step': s, 'loss': 9 - s, 'ce': 5 - s / 2, 'sen': 5 - s / 4, 'cap': 4 - s / 4}) + '\n'
                            for s in range(1, 5)))
-    train.plot_losses(str(log), str(tmp_path / 'with.png'), guess=np.log(16))
-    train.plot_losses(str(log), str(tmp_path / 'without.png'))
+    runlog.plot_losses(str(log), str(tmp_path / 'with.png'), guess=np.log(16))
+    runlog.plot_losses(str(log), str(tmp_path / 'without.png'))
     red = lambda png: [(np.asarray(Image.open(png).convert('RGB'))[:, 360 * p:360 * (p + 1)] == (200, 60, 60)).all(-1).sum()
                        for p in range(4)]  # red pixels per panel: loss, ce, sen, cap
     with_line = red(tmp_path / 'with.png')
