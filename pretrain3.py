@@ -540,7 +540,7 @@ def main(argv=None):
     p.add_argument('--vae_batch', type=int, default=32)
     p.add_argument('--vae_lr', type=float, default=1e-3)
     p.add_argument('--vae_ch', type=int, default=24, help='the VQVAE\'s base width (channels ch, 2ch, 4ch)')
-    p.add_argument('--vae_coarse_weight', type=float, default=1.0, help='weight of the partial-sum loss')
+    p.add_argument('--vae_coarse_weight', type=float, default=0.2, help='weight of the partial-sum loss')
     p.add_argument('--vae_coarse_share', type=float, default=0.25, help='share of a batch that also decodes a partial sum')
     p.add_argument('--clip_steps', type=int, default=2000)
     p.add_argument('--clip_batch', type=int, default=256)
