@@ -101,8 +101,7 @@ def evaluate_world3_run(config: dict, vae, var, clip, parts, per_class: int, n_t
     training CLIP's FD_clip is a second column."""
     judge = world3.load_judge(config['backbone']).to(device)
     features = ClipFeatures(pretrained=os.path.join(config['backbone'], 'clip'), device=device)
-    items = world3.make_split('test', per_class * var.num_classes if not config['t2i'] else n_texts, seed)
-    reference = np.stack([world3.render(a) for a in items])
+    reference, items = world3.rendered('test', per_class * var.num_classes if not config['t2i'] else n_texts, seed)
     reference_feats = world3.judged(judge, shapes.to_input(reference, device))[0]
     reference_judge = feature_statistics(reference_feats)
     reference_clip = feature_statistics(features.images(reference))
@@ -117,7 +116,7 @@ def evaluate_world3_run(config: dict, vae, var, clip, parts, per_class: int, n_t
         x = images * 2 - 1
         feats, class_logits = world3.judged(judge, x)
         fd, fd_se = fd_with_se(feats, reference_judge, seed=seed)
-        fd_clip_, fd_clip_se = fd_with_se(features.images(to_uint8(images)), reference_clip, seed=seed)
+        fd_c, fd_c_se = fd_with_se(features.images(to_uint8(images)), reference_clip, seed=seed)
         row = {'FD_judge': fd, 'FD_judge_se': fd_se}
         if config['t2i']:
             right_NA = (world3.read(judge, x) == world3.targets(items).to(device)).float().cpu().numpy()
@@ -129,7 +128,7 @@ def evaluate_world3_run(config: dict, vae, var, clip, parts, per_class: int, n_t
             row['class_accuracy'], row['class_accuracy_se'] = mean_with_se(recognised)
             row['IS_judge'] = inception_score(class_logits)[0]
             row['precision'], row['recall'] = precision_recall(reference_feats, feats)
-        row['FD_clip'], row['FD_clip_se'] = fd_clip_, fd_clip_se
+        row['FD_clip'], row['FD_clip_se'] = fd_c, fd_c_se
         results[name] = row
     return results
 
