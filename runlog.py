@@ -1,9 +1,11 @@
 """
-A run's log.jsonl (one JSON row per logged step, train.py writes it): reading its rows, and losses.png drawn from
-them with PIL alone, no plotting library.
+A run's log.jsonl (one JSON row per logged step, train.py writes it): writing and reading its rows, and losses.png
+drawn from them with PIL alone, no plotting library.
 """
 import json
 import math
+import os
+import time
 from typing import Optional
 
 from PIL import Image, ImageDraw
@@ -16,6 +18,32 @@ def log_row(line: str) -> Optional[dict]:
     except json.JSONDecodeError:
         return None
     return row if isinstance(row, dict) and 'step' in row else None
+
+
+def start_log(out_dir: str, step: int) -> str:
+    """OUT_DIR/log.jsonl: a new run starts it empty; a resumed one drops the rows past its checkpoint."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if (row := log_row(line)) is not None and row['step'] <= step]
+        with open(path, 'w') as f:
+            f.writelines(kept)
+    return path
+
+
+def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, record: dict, lr: float, t0: float, bar):
+    """A row of log.jsonl: the losses, the gradient norm before the clip, each loss's own gradient norm (grad_ce,
+    grad_sen, grad_cap: of the weighted terms, lambda included) and whether the clip bound."""
+    row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()}, 'grad_norm': grad_norm.item(),
+           **record, 'lr': lr, 'time': round(time.time() - t0, 2)}
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    shown = {k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')}
+    if bar.disable:
+        print(f'step {step}/{bar.total}: ' + ', '.join(f'{k} {v}' for k, v in shown.items()) +
+              f', {row["time"]:.0f}s', flush=True)
+    else:
+        bar.set_postfix(shown)
 
 
 GRAD_KEYS = ('grad_ce', 'grad_sen', 'grad_cap')  # each loss's own gradient norm, as log_step records them

@@ -24,26 +24,24 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from clip_loss import TOKENS, SemanticLoss
 from data import batches_of_epoch, build_dataset, epoch_loader
+from ddp import Process, all_true, claim_out_dir, end_process, reduce_mean, rng_states, set_rng_states, setup_process
 from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
 from mvp import (CONFIG_FILE, MVP, build_run, check_same_architecture, generate_images, init_text_projection,
                  load_checkpoint, load_trained, save_prompt, write_config)
-from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, lock_folder, save_grid
-from runlog import log_row, plot_losses
+from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, save_grid
+from runlog import log_step, plot_losses, start_log
 from update import BALANCES, optimizer_step, warmup_cosine_lr
 
 
@@ -164,74 +162,6 @@ def stop_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-class Process(NamedTuple):
-    """This process of the run: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for DDP."""
-    ddp: bool
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def master(self) -> bool:  # the process that logs and writes files
-        return self.rank == 0
-
-
-def setup_process(args) -> Process:
-    ddp = 'RANK' in os.environ
-    if ddp:
-        dist.init_process_group(backend='nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo')
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    if args.device == 'auto':
-        device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
-    else:
-        device = torch.device(args.device if not (ddp and args.device == 'cuda') else f'cuda:{local_rank}')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    return Process(ddp, rank, world, device)
-
-
-def reduce_mean(grads: list) -> list:
-    """DDP: a gradient list averaged over the processes (what DDP's own backward does for a plain backward)."""
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
-
-
-def end_process(proc: Process, exit_code: Optional[int] = None):
-    if proc.ddp:
-        if exit_code is None:  # a normal end: no rank tears the group down while rank 0 still writes (after an
-            dist.barrier()  # error or Ctrl-C the others may never arrive, so no wait there)
-        dist.destroy_process_group()
-    if exit_code is not None:
-        sys.exit(exit_code)
-
-
-def claim_out_dir(out_dir: str, proc: Process):
-    """The first process locks OUT_DIR for the run (pretrained.lock_folder); every process stops with its one line if
-    another live run holds it, so the DDP ranks of one run are one run and never wait on each other."""
-    lock, refusal = None, None
-    if proc.master:
-        try:
-            lock = lock_folder(out_dir)
-        except (ValueError, OSError) as e:  # OSError: a file system without locks; every rank must hear of it
-            refusal = str(e)
-    if proc.ddp:
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
-    if refusal:
-        raise ValueError(refusal)
-    return lock
-
-
 def find_resume(args) -> Tuple[Optional[dict], Optional[str]]:
     """The checkpoint to continue from, if any; its settings must match the ones asked for."""
     path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
@@ -260,39 +190,18 @@ def restore(ckpt: dict, path: str, parts, optimizer, scaler, proc: Process, args
     load_trained(parts, ckpt['parts'], path, vars(args))
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    if len(ckpt['rng']['torch']) != proc.world:
-        raise ValueError(f'{path} was written by {len(ckpt["rng"]["torch"])} processes, not {proc.world}: '
-                         f'resume with the same number of processes')
-    torch.set_rng_state(ckpt['rng']['torch'][proc.rank])
-    if proc.device.type == 'cuda' and ckpt['rng'].get('cuda'):
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'][proc.rank], proc.device)
+    set_rng_states(proc, ckpt['rng'], path)
     return ckpt['step']
 
 
 def save_checkpoint(path: str, step: int, run_config: dict, parts, optimizer, scaler, proc: Process):
     """ckpt.pt (to resume from) and, beside it, the prompt folder (what to share: no optimizer, no pickle)."""
-    rng_torch = [torch.get_rng_state()]
-    rng_cuda = [torch.cuda.get_rng_state(proc.device)] if proc.device.type == 'cuda' else []
-    if proc.ddp:  # every rank's RNG, so each continues its own stream
-        gathered = [None] * proc.world
-        dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
-        rng_torch, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered] if rng_cuda else []
+    rng = rng_states(proc)
     if proc.master:
         trained = parts.state_dict()
         atomic_save({'config': run_config, 'step': step, 'parts': trained, 'optimizer': optimizer.state_dict(),
-                     'scaler': scaler.state_dict(), 'rng': {'torch': rng_torch, 'cuda': rng_cuda}}, path)
+                     'scaler': scaler.state_dict(), 'rng': rng}, path)
         save_prompt(os.path.dirname(path), run_config, trained)
-
-
-def announce(args, parts, run_config: dict, dataset, proc: Process, dtype, step: int):
-    print(json.dumps(vars(args), indent=1))
-    tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
-        parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
-    n_trainable, n_var = run_config['trainable_parameters'], run_config['var_parameters']
-    print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_var:.3f}% of the VAR\'s {n_var:,}); '
-          f'prompt tokens per scale: {tokens}')
-    print(f'data: {len(dataset):,} images; device {proc.device}, autocast {dtype}, world size {proc.world}'
-          + (f'; resuming at step {step}' if step else ''))
 
 
 def start_run(args, parts, var, dataset, proc: Process, dtype, step: int) -> Tuple[dict, Optional[str]]:
@@ -305,25 +214,20 @@ def start_run(args, parts, var, dataset, proc: Process, dtype, step: int) -> Tup
         return run_config, None
     os.makedirs(args.out_dir, exist_ok=True)
     write_config(run_config, os.path.join(args.out_dir, CONFIG_FILE))
-    announce(args, parts, run_config, dataset, proc, dtype, step)
+    print(json.dumps(vars(args), indent=1))
+    tokens = parts.prompt.counts() if isinstance(parts.prompt, FramePrompt) else \
+        parts.prompt.tokens.shape[1] if parts.prompt is not None else 'none'
+    n_trainable, n_var = run_config['trainable_parameters'], run_config['var_parameters']
+    print(f'trainable parameters: {n_trainable:,} ({100 * n_trainable / n_var:.3f}% of the VAR\'s {n_var:,}); '
+          f'prompt tokens per scale: {tokens}')
+    print(f'data: {len(dataset):,} images; device {proc.device}, autocast {dtype}, world size {proc.world}'
+          + (f'; resuming at step {step}' if step else ''))
     return run_config, start_log(args.out_dir, step)
 
 
-def start_log(out_dir: str, step: int) -> str:
-    """OUT_DIR/log.jsonl: a new run starts it empty; a resumed one drops the rows past its checkpoint."""
-    path = os.path.join(out_dir, 'log.jsonl')
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if (row := log_row(line)) is not None and row['step'] <= step]
-        with open(path, 'w') as f:
-            f.writelines(kept)
-    return path
-
-
 def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
-    """Record, on the device and without waiting for it, the first step whose loss is not finite and that loss:
-    watch_2 = (step or -1, loss). Reading it back syncs the host with the GPU, so the loop does that only where it
-    must (check_stop)."""
+    """Record on the device, without a host sync, the first step whose loss is not finite and that loss:
+    watch_2 = (step or -1, loss). check_stop reads it back only where the loop must sync anyway."""
     loss = loss.detach().float()
     new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss)
     watch_2[0] = torch.where(new_bad, float(step + 1), watch_2[0])  # a Python scalar: no host-to-device copy
@@ -334,10 +238,7 @@ def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Proces
     """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss at this or any
     step since the last check exits and leaves the last checkpoint as it was (the loop checks before every update
     that is logged or checkpointed, so no bad step is ever saved). Every process stops at the same step, or none does."""
-    status = torch.stack(((watch_2[0] < 0).float(), torch.tensor(float(not interrupted), device=watch_2.device)))
-    if proc.ddp:
-        dist.all_reduce(status, op=dist.ReduceOp.MIN)
-    finite, going = status.tolist()
+    finite, going = all_true(proc, [watch_2[0] < 0, not interrupted])
     if finite and going:
         return
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -355,24 +256,9 @@ def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Proces
     end_process(proc, 1 if not finite else 130)
 
 
-def log_step(log_path: str, step: int, loss, losses: dict, grad_norm, record: dict, lr: float, t0: float, bar):
-    """A row of log.jsonl: the losses, the gradient norm before the clip, each loss's own gradient norm (grad_ce,
-    grad_sen, grad_cap: of the weighted terms, lambda included) and whether the clip bound."""
-    row = {'step': step, 'loss': loss.item(), **{k: v.item() for k, v in losses.items()}, 'grad_norm': grad_norm.item(),
-           **record, 'lr': lr, 'time': round(time.time() - t0, 2)}
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-    shown = {k: f'{v:.4f}' for k, v in row.items() if k in ('loss', 'ce', 'sen', 'cap')}
-    if bar.disable:
-        print(f'step {step}/{bar.total}: ' + ', '.join(f'{k} {v}' for k, v in shown.items()) +
-              f', {row["time"]:.0f}s', flush=True)
-    else:
-        bar.set_postfix(shown)
-
-
 def main(argv=None):
     args = get_args(argv)
-    proc = setup_process(args)
+    proc = setup_process(args.device, args.seed)
     dtype = DTYPES.get(args.dtype) or auto_dtype(proc.device)
     check_creatable(args.out_dir, '--out_dir')
     ckpt, resume_path = find_resume(args)
