@@ -1,7 +1,7 @@
 """
 The baselines MVP is compared with, kept apart from the method's files: the prefilled prompt of MVP's Table 4
-(PrefilledPrompt; var.py prepends it, in its lines marked "baseline") and LoRA on VAR's attention, Table 3's
-(also in bench.py's training benchmark). Full fine-tuning, Table 3's other baseline, needs no code of its own:
+(PrefilledPrompt; var.py prepends it, in its lines marked "baseline") and LoRA on VAR's attention, Table 3's;
+mvp.build_run builds either for train.py and bench.py. Full fine-tuning, Table 3's other baseline, needs no code of its own:
 train.py unfreezes the VAR.
 
 LoRA: every block's attn.mat_qkv and attn.proj get a trainable low-rank update: W -> W + (alpha / r) B A, with
@@ -115,8 +115,3 @@ def attach_lora(var, pairs: nn.ModuleList, alpha: Optional[float] = None) -> Lis
         wrappers.append(LoRALinear(base, pair, (rank if alpha is None else alpha) / rank))
         setattr(attn, name, wrappers[-1])
     return wrappers
-
-
-def add_lora(var, rank: int, alpha: Optional[float] = None) -> List[LoRALinear]:
-    """make_lora + attach_lora in one call; the pairs are reachable through the returned wrappers."""
-    return attach_lora(var, make_lora(var, rank), alpha)

@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines import PrefilledPrompt, add_lora
 from var import VAR
 from vqvae import MultiScaleQuantizer, VQVAE
 
@@ -448,7 +447,7 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     meaningful only in a fresh process that runs nothing else)."""
     from frame_prompt import FramePrompt
     from device import auto_dtype
-    from mvp import MVP, TunedParts, conditions
+    from mvp import MVP, build_run, conditions
     from update import optimizer_step
     device = torch.device(args.device)
     dtype = auto_dtype(device)  # as train.py's --dtype auto: bf16 on CUDA and on CPUs with fast bf16 matrix units
@@ -457,22 +456,13 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     sync = synchronizer(device)
     vae, var = released_backbone(device, args.depth, args.seed) if args.name == 'fullsize' else \
         tiny_backbone(device, args.seed, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
-    frame = FramePrompt(var.patch_nums, var.width, args.tau)  # MVP's prompt; also the prefilled prompt's token count
-    parts, semantic, trainable = None, None, []
-    if variant in ('mvp', 'mvp_semantic', 'mvp_semantic_plain'):
-        parts = TunedParts(frame).to(device)
-    elif variant == 'prefilled':
-        parts = TunedParts(PrefilledPrompt(len(frame.index), var.width)).to(device)
-    elif variant == 'lora':
-        trainable = [p for w in add_lora(var, args.lora_rank) for p in (w.lora_A, w.lora_B)]
-    elif variant == 'full':
-        trainable = list(var.requires_grad_(True).parameters())
-    elif variant != 'frozen':
+    if variant not in TRAIN_VARIANTS:
         raise ValueError(f'unknown variant {variant!r}')
-    if parts is not None:
-        trainable = list(parts.parameters())
-    else:
-        parts = TunedParts()  # LoRA and full fine-tuning act inside the VAR: no prompt
+    what_trains = 'mvp' if variant.startswith('mvp') else variant  # frozen: nothing (a prompt of none)
+    config = dict(prompt=what_trains, tau=args.tau, placement='frame', first_scale='off', placement_seed=0, t2i=False,
+                  lora_rank=args.lora_rank)
+    vae, var, _, parts = build_run(config, device, need_clip=False, backbone=(vae, var))
+    trainable, semantic = list(parts.parameters()), None
     if variant.startswith('mvp_semantic'):  # train.py's defaults: beta 0.6, lambda_sen = lambda_cap = 1, soft tokens
         from clip_loss import SemanticLoss
         chunk = 0 if variant == 'mvp_semantic_plain' else semantic_chunk(args, vae)
@@ -534,7 +524,7 @@ def training_worker(args, variant: str, measure_rss: bool = True) -> dict:
     result = dict(variant=variant, trainable=sum(p.numel() for p in trainable), var_params=sum(p.numel() for p in var.parameters()),
                   step=median(times), encode=median(encode_times), peak=peak, memory=memory,
                   seq=seq_lens[0] if seq_lens else None, L=var.L, input_grad_values=args.batch * (var.L - var.first_l) * var.Cvae,
-                  prompt_tokens=len(frame.index), chunk=semantic_chunk(args, vae))
+                  prompt_tokens=len(FramePrompt(var.patch_nums, var.width, args.tau).index), chunk=semantic_chunk(args, vae))
     if semantic is not None and getattr(args, 'breakdown', False):
         runs = [semantic_breakdown(vae, var, forward_var, parts, semantic, batch, autocast, sync) for _ in range(args.repeats)]
         result['breakdown'] = {stage: median(r[stage] for r in runs) for stage in runs[0]}

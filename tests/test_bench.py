@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import bench  # noqa: E402
+from baselines import attach_lora, make_lora  # noqa: E402
 
 TINY = ['--batch', '2', '--repeats', '1', '--warmup', '1']
 # label -> (trainable parameters, sequence length in attention); width 128, 80 MVP tokens at tau 20, L = 155
@@ -89,7 +90,7 @@ def test_lora_wrapper_reaches_both_layers():
     x = torch.randn(2, var.L - 1, var.Cvae)
     with torch.no_grad():
         before = var(cond, x)
-    wrappers = bench.add_lora(var, rank=4)
+    wrappers = attach_lora(var, make_lora(var, rank=4))
     assert len(wrappers) == 2 * var.depth
     with torch.no_grad():
         assert torch.equal(var(cond, x), before)
