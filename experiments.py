@@ -203,6 +203,18 @@ SECTIONS = [
                  for m in ('FD_clip', 'clip_score', 'attribute_accuracy')]
                 + [('CE + sentence + caption (MVP)', 'CE + sentence', 'attribute_accuracy')]),
 ]
+def study_sections(table: str, title: str, paper: str, rows: list, c2i_metrics: tuple, t2i_metrics: tuple,
+                   judged: tuple) -> list:
+    """A study's two sections, class-to-image (run names as given) and text-to-image (t2i_ in front), each row judged
+    against the first (CE alone) on `judged`: (the quality figure, the c2i accuracy, the t2i accuracy)."""
+    quality, c2i_accuracy, t2i_accuracy = judged
+    return [dict(table=table, title=f'{title}, {task}', paper=paper, metrics=metrics,
+                 rows=[(label, prefix + run, 'after') for label, run in rows],
+                 claims=[(label, rows[0][0], m) for label, _ in rows[1:] for m in (quality, accuracy)])
+            for task, prefix, metrics, accuracy in (('class-to-image', '', c2i_metrics, c2i_accuracy),
+                                                     ('text-to-image', 't2i_', t2i_metrics, t2i_accuracy))]
+
+
 BALANCE_ROWS = [('CE only', 'sem_none'), ('lambda 0.001', 'bal_l0.001'), ('lambda 0.01', 'bal_l0.01'),
                 ('lambda 0.1', 'bal_l0.1'), ('lambda 1 (Eq. 9 as written)', 'mvp'),
                 ('normalize, each level 0.1 x CE', 'bal_norm0.1'), ('normalize, each level 1 x CE', 'bal_norm1'),
@@ -212,34 +224,23 @@ BALANCE_PAPER = ('No lambdas given; Eq. 9 adds the semantic loss to CE. Here eve
                  'attributes read; FD_clip (the training CLIP\'s space) is shown, never used to choose. grad sen / ce, '
                  'grad cap / ce: the median over the logged steps of each CLIP level\'s gradient norm (lambda included, '
                  'before any balancing) over cross-entropy\'s; clip bound %: the logged steps where --grad_clip bound.')
-SECTIONS += [
-    dict(table='bal', title='The balance of CE and the semantic loss, class-to-image', paper=BALANCE_PAPER,
-         metrics=('FD_cls', 'class_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'clipped_pct', 'train_s'),
-         rows=[(label, run, 'after') for label, run in BALANCE_ROWS],
-         claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'class_accuracy')]),
-    dict(table='bal', title='The balance of CE and the semantic loss, text-to-image', paper=BALANCE_PAPER,
-         metrics=('FD_cls', 'attribute_accuracy', 'shape_accuracy', 'FD_clip', 'clip_score', 'sen_over_ce',
-                  'cap_over_ce', 'clipped_pct', 'train_s'),
-         rows=[(label, 't2i_' + run, 'after') for label, run in BALANCE_ROWS],
-         claims=[(label, 'CE only', m) for label, _ in BALANCE_ROWS[1:] for m in ('FD_cls', 'attribute_accuracy')]),
-]
+SECTIONS += study_sections(
+    'bal', 'The balance of CE and the semantic loss', BALANCE_PAPER, BALANCE_ROWS,
+    ('FD_cls', 'class_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'clipped_pct', 'train_s'),
+    ('FD_cls', 'attribute_accuracy', 'shape_accuracy', 'FD_clip', 'clip_score', 'sen_over_ce', 'cap_over_ce',
+     'clipped_pct', 'train_s'),
+    ('FD_cls', 'class_accuracy', 'attribute_accuracy'))
 PATH_ROWS = [('CE only', 'sem_none'), ('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 1 (default)', 'mvp'),
              ('soft, T = 2', 'tok_soft2'), ('straight-through Gumbel', 'tok_gumbel'),
              ('straight-through argmax', 'tok_argmax'), ('free-running rollout', 'tok_rollout')]
 PATH_PAPER = ('No method given: the paper does not say how I_sen and I_cap are made differentiable. Each path is '
               'judged against CE alone on world v3\'s judge (FD_judge, the class or the caption attributes it reads); '
               'FD_clip, the training CLIP\'s own space, is shown and never used to choose.')
-SECTIONS += [
-    dict(table='paths', title='The differentiable path of the semantic loss, class-to-image', paper=PATH_PAPER,
-         metrics=('FD_judge', 'class_accuracy', 'IS_judge', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'train_s'),
-         rows=[(label, run, 'after') for label, run in PATH_ROWS],
-         claims=[(label, 'CE only', m) for label, _ in PATH_ROWS[1:] for m in ('FD_judge', 'class_accuracy')]),
-    dict(table='paths', title='The differentiable path of the semantic loss, text-to-image', paper=PATH_PAPER,
-         metrics=('FD_judge', 'attribute_accuracy', 'texture_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce',
-                  'train_s'),
-         rows=[(label, 't2i_' + run, 'after') for label, run in PATH_ROWS],
-         claims=[(label, 'CE only', m) for label, _ in PATH_ROWS[1:] for m in ('FD_judge', 'attribute_accuracy')]),
-]
+SECTIONS += study_sections(
+    'paths', 'The differentiable path of the semantic loss', PATH_PAPER, PATH_ROWS,
+    ('FD_judge', 'class_accuracy', 'IS_judge', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'train_s'),
+    ('FD_judge', 'attribute_accuracy', 'texture_accuracy', 'FD_clip', 'sen_over_ce', 'cap_over_ce', 'train_s'),
+    ('FD_judge', 'class_accuracy', 'attribute_accuracy'))
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
 # for the time estimate: measured by the version 2 grid on this project's 2-core CPU machines, two runs at a time at
