@@ -8,8 +8,8 @@ only the fine scales resolve. Here, at 32 px (8x8 latents, scales 1, 2, 3, 4, 6,
 whose 3x3 map covers 12 px views, 3/8 of the last side as VAR-d16's 6/16):
     class       one of 10 large silhouettes (a quarter to two fifths of the image), centred with a small jitter
     colour      the class's typical colour 60% of the time, else another of the palette (a red apple, a green one)
-    texture     plain, striped or dotted: two shades whose mean is the colour, in 1-pixel lines or dots, so a view
-                at kappa's resolution averages every texture to the same flat colour (the fine-scale attribute)
+    texture     plain, striped or dotted: two shades whose mean is the colour, in 1-pixel lines or a checkerboard,
+                so a view at kappa's resolution averages every texture to the same flat colour (the fine attribute)
     background  4 flat colours, never the shape's
     caption     "a {texture} {colour} {class} on a {background} background", in one of three phrasings
 
@@ -52,7 +52,10 @@ TYPICAL_COLOUR = dict(zip(CLASS_NAMES, ["yellow", "cyan", "red", "blue", "pink",
 TYPICAL_SHARE = 0.6
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125), "navy": (25, 35, 85)}
 TEXTURES = ("plain", "striped", "dotted")
-TEXTURE_PERIOD = 6  # pixels; not a divisor of the VQVAE's 4-pixel token, so neighbouring tokens differ (below)
+# + - + - - +: a period-2 pattern that slips every 6 pixels. 6 is no multiple of the VQVAE's 4-pixel token, so
+# neighbouring tokens hold different parts of it: a field of equal tokens would decode flat (docs/world_v3.md)
+TEXTURE_PERIOD = 6
+TEXTURE_ROW = np.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
 SHADE = 48.0  # a texture's two shades: the colour +- SHADE per channel (less near 0 or 255), so their mean is the colour
 AREA = (0.26, 0.40)  # the silhouette's share of the image
 MAX_SHIFT = 0.06  # centre jitter, fraction of the side
@@ -97,18 +100,18 @@ def world_words() -> list:
 
 
 def texture_shades(item, size: int) -> np.ndarray:
-    """(H, W, 3) float: the shape's colour with its texture: thin pairs of a light and a dark line (striped) or small
-    light-dark checkers (dotted) every TEXTURE_PERIOD pixels, each pair inside one 2x2 block, so the shades average to
-    the colour in every block."""
+    """(H, W, 3) float: the shape's colour with its texture: light and dark 1-pixel lines in turn (striped) or a
+    light-dark checkerboard (dotted), the pattern slipping a pixel every TEXTURE_PERIOD pixels. Every 2x2 block holds
+    one light and one dark pair, so the shades average to the colour in every block."""
     colour = np.array(COLOURS[item['colour']], dtype=np.float32)
     yy, xx = np.mgrid[:size, :size]
-    pair = lambda v: np.select([v % TEXTURE_PERIOD == 0, v % TEXTURE_PERIOD == 1], [1.0, -1.0], 0.0)  # + then -
+    pair = lambda v: TEXTURE_ROW[v % TEXTURE_PERIOD]
     if item['texture'] == 'plain':
         sign = np.zeros((size, size))
     elif item['texture'] == 'striped':
-        sign = pair(yy)  # horizontal line pairs
+        sign = pair(yy)  # horizontal lines
     else:
-        sign = pair(yy) * pair(xx)  # 2x2 checkers on a grid
+        sign = pair(yy) * pair(xx)
     amplitude = np.minimum(SHADE, np.minimum(colour, 255 - colour))  # symmetric: no clipping moves the mean
     return colour + amplitude * sign[..., None]
 
