@@ -134,6 +134,28 @@ def evaluate_world3_run(config: dict, vae, var, clip, parts, per_class: int, n_t
 
 
 @torch.no_grad()
+def score_caption(ckpt: str, caption: str, n: int = 50, seed: int = 0, cfg_scale: float = 1.5, device='cpu',
+                  dtype=torch.float32) -> dict:
+    """One caption, n samples before and after a world v3 text-to-image run: {name: {attribute: samples in which the
+    judge reads the value the caption names}}, for each attribute it names."""
+    config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
+    if config['data'] != 'world3' or not config['t2i']:
+        raise ValueError(f'--caption scores a text-to-image run of world v3 (--data world3 --t2i), not {ckpt}')
+    named = world3.attributes_named(caption)
+    if not named:
+        raise ValueError(f'--caption {caption!r} names no shape, colour, texture or background of world v3')
+    judge = world3.load_judge(config['backbone']).to(device)
+    scores = {}
+    for name, model, tuned in before_and_after(config, vae, var, clip, parts, device):
+        images = generate_images(vae, model, tuned, clip, texts=[caption] * n, cfg_scale=cfg_scale, seed=seed,
+                                 dtype=dtype)
+        read_NA = world3.read(judge, images * 2 - 1).cpu()
+        scores[name] = {a: int((read_NA[:, i] == world3.VALUES[a].index(named[a])).sum())
+                        for i, a in enumerate(world3.ATTRIBUTES) if a in named}
+    return scores
+
+
+@torch.no_grad()
 def evaluate_run(ckpt: str, per_class: int = 50, n_texts: int = 500, seed: int = 0, cfg_scale: float = 1.5,
                  device='cpu', dtype=torch.float32) -> dict:
     config, vae, var, clip, parts = load_run(ckpt, device, need_clip=True)
@@ -379,13 +401,16 @@ def main(argv=None):
     p.add_argument('--per_class', type=int, default=50, help='class-to-image samples per class (50: FD_clip\'s '
                    'standard error about 0.3, accuracy\'s about 1 point)')
     p.add_argument('--n_texts', type=int, default=500, help='text-to-image: held-out captions')
+    p.add_argument('--caption', default=None, help='with --ckpt of a world v3 text-to-image run: instead, this one '
+                   'caption\'s samples, each attribute it names counted where the judge reads it')
+    p.add_argument('--n', type=int, default=50, help='with --caption: samples before and after')
     p.add_argument('--cfg', type=float, default=1.5)
     p.add_argument('--dtype', default='fp32', choices=('fp32', 'bf16'), help='autocast dtype of sampling (the '
                    'README\'s figures: fp32)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='also write the results here')
     args = p.parse_args(argv)
-    for name in ('per_class', 'n_texts'):
+    for name in ('per_class', 'n_texts', 'n'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 < args.beta < 1:
@@ -413,6 +438,13 @@ def main(argv=None):
         return
     if not args.ckpt:
         p.error('--ckpt, --semantic_signal, --coarse_probe, --prefix_probe or --partial_sums is required')
+    if args.caption is not None:
+        scores = score_caption(args.ckpt, args.caption, args.n, args.seed, args.cfg, dtype=DTYPES[args.dtype])
+        for name, row in scores.items():
+            print(f'{name}: ' + ', '.join(f'{a} {right}/{args.n}' for a, right in row.items()))
+        if args.json:
+            write_json(args.json, scores)
+        return
     results = evaluate_run(args.ckpt, args.per_class, args.n_texts, args.seed, args.cfg, dtype=DTYPES[args.dtype])
     print(format_results(results))
     if args.json:

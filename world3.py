@@ -93,6 +93,17 @@ def sentence(label: int) -> str:
     return f'a photo of a {CLASS_NAMES[label]}'
 
 
+def attributes_named(text: str) -> dict:
+    """{attribute: value} for each attribute a caption names (the first value it names), read word by word: what a
+    sample of that caption is scored against."""
+    named = {}
+    for word in re.findall(r'[a-z]+', text.lower()):
+        for attribute, values in VALUES.items():
+            if word in values:
+                named.setdefault(attribute, word)
+    return named
+
+
 def world_words() -> list:
     """Every word the world's texts use: what the tiny CLIP's vocabulary must tokenise as open_clip's full one does."""
     texts = [p for p in PHRASINGS] + [' '.join(v) for v in VALUES.values()] + ['a an photo of']

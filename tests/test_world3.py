@@ -24,6 +24,12 @@ def test_a_texture_keeps_the_colour_on_average_and_vanishes_at_kappas_resolution
     assert np.abs(coarse[1] - coarse[0]).max() < 0.01 and np.abs(coarse[2] - coarse[0]).max() < 0.01  # edges too
 
 
+def test_every_caption_names_its_items_attributes():
+    for item in world3.make_split('test', 60):
+        assert world3.attributes_named(world3.caption(item)) == {a: item[a] for a in world3.ATTRIBUTES}
+    assert world3.attributes_named('A Dotted CYAN star') == {'texture': 'dotted', 'colour': 'cyan', 'shape': 'star'}
+
+
 def test_splits_are_deterministic_and_captions_varied():
     a, b = world3.make_split('train', 64, seed=0), world3.make_split('train', 64, seed=0)
     assert a == b and a != world3.make_split('test', 64, seed=0)
@@ -117,3 +123,14 @@ def test_a_run_on_world3_is_scored_by_the_judge(tiny_world3, tmp_path, task):
     for row in results.values():
         assert wanted <= set(row) and all(np.isfinite(v) for v in row.values())
         assert 0 <= row.get('class_accuracy', row.get('attribute_accuracy')) <= 1
+    ckpt = str(tmp_path / 'run' / 'ckpt.pt')
+    if task == 'c2i':  # one caption's samples are scored on text-to-image runs alone
+        with pytest.raises(ValueError, match='scores a text-to-image run of world v3'):
+            evaluate.score_caption(ckpt, 'a red heart', n=2)
+        return
+    scores = evaluate.score_caption(ckpt, 'a striped red heart against a white background', n=3)
+    assert set(scores) == {'before', 'after'}
+    for row in scores.values():
+        assert set(row) == set(world3.ATTRIBUTES) and all(0 <= right <= 3 for right in row.values())
+    with pytest.raises(ValueError, match='names no shape, colour, texture or background'):
+        evaluate.score_caption(ckpt, 'a photo of something', n=2)
