@@ -8,7 +8,7 @@ only the fine scales resolve. Here, at 32 px (8x8 latents, scales 1, 2, 3, 4, 6,
 whose 3x3 map covers 12 px views, 3/8 of the last side as VAR-d16's 6/16):
     class       one of 10 large silhouettes (a quarter to two fifths of the image), centred with a small jitter
     colour      the class's typical colour 60% of the time, else another of the palette (a red apple, a green one)
-    texture     plain, striped or dotted: two shades whose mean is the colour, in 1-pixel lines or a checkerboard,
+    texture     plain, striped or pinstriped: two shades whose mean is the colour, in 1-pixel lines across or down,
                 so a view at kappa's resolution averages every texture to the same flat colour (the fine attribute)
     background  4 flat colours, never the shape's
     caption     "a {texture} {colour} {class} on a {background} background", in one of three phrasings
@@ -51,7 +51,7 @@ TYPICAL_COLOUR = dict(zip(CLASS_NAMES, ["yellow", "cyan", "red", "blue", "pink",
                                         "yellow", "orange"]))
 TYPICAL_SHARE = 0.6
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125), "navy": (25, 35, 85)}
-TEXTURES = ("plain", "striped", "dotted")
+TEXTURES = ("plain", "striped", "pinstriped")
 # + - + - - +: a period-2 pattern that slips every 6 pixels. 6 is no multiple of the VQVAE's 4-pixel token, so
 # neighbouring tokens hold different parts of it: a field of equal tokens would decode flat (docs/world_v3.md)
 TEXTURE_PERIOD = 6
@@ -111,18 +111,18 @@ def world_words() -> list:
 
 
 def texture_shades(item, size: int) -> np.ndarray:
-    """(H, W, 3) float: the shape's colour with its texture: light and dark 1-pixel lines in turn (striped) or a
-    light-dark checkerboard (dotted), the pattern slipping a pixel every TEXTURE_PERIOD pixels. Every 2x2 block holds
-    one light and one dark pair, so the shades average to the colour in every block."""
+    """(H, W, 3) float: the shape's colour with its texture: light and dark 1-pixel lines in turn, across (striped)
+    or down (pinstriped), the pattern slipping a pixel every TEXTURE_PERIOD pixels. Every 2x2 block holds one light
+    and one dark pair, so the shades average to the colour in every block."""
     colour = np.array(COLOURS[item['colour']], dtype=np.float32)
     yy, xx = np.mgrid[:size, :size]
     pair = lambda v: TEXTURE_ROW[v % TEXTURE_PERIOD]
     if item['texture'] == 'plain':
         sign = np.zeros((size, size))
     elif item['texture'] == 'striped':
-        sign = pair(yy)  # horizontal lines
+        sign = pair(yy)
     else:
-        sign = pair(yy) * pair(xx)
+        sign = pair(xx)
     amplitude = np.minimum(SHADE, np.minimum(colour, 255 - colour))  # symmetric: no clipping moves the mean
     return colour + amplitude * sign[..., None]
 

@@ -27,7 +27,7 @@ def test_a_texture_keeps_the_colour_on_average_and_vanishes_at_kappas_resolution
 def test_every_caption_names_its_items_attributes():
     for item in world3.make_split('test', 60):
         assert world3.attributes_named(world3.caption(item)) == {a: item[a] for a in world3.ATTRIBUTES}
-    assert world3.attributes_named('A Dotted CYAN star') == {'texture': 'dotted', 'colour': 'cyan', 'shape': 'star'}
+    assert world3.attributes_named('A Pinstriped CYAN star') == {'texture': 'pinstriped', 'colour': 'cyan', 'shape': 'star'}
 
 
 def test_splits_are_deterministic_and_captions_varied():
