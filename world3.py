@@ -54,7 +54,6 @@ BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 12
 TEXTURES = ("plain", "striped", "pinstriped")
 # + - + - - +: a period-2 pattern that slips every 6 pixels. 6 is no multiple of the VQVAE's 4-pixel token, so
 # neighbouring tokens hold different parts of it: a field of equal tokens would decode flat (docs/world_v3.md)
-TEXTURE_PERIOD = 6
 TEXTURE_ROW = np.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
 SHADE = 48.0  # a texture's two shades: the colour +- SHADE per channel (less near 0 or 255), so their mean is the colour
 AREA = (0.26, 0.40)  # the silhouette's share of the image
@@ -112,11 +111,11 @@ def world_words() -> list:
 
 def texture_shades(item, size: int) -> np.ndarray:
     """(H, W, 3) float: the shape's colour with its texture: light and dark 1-pixel lines in turn, across (striped)
-    or down (pinstriped), the pattern slipping a pixel every TEXTURE_PERIOD pixels. Every 2x2 block holds one light
+    or down (pinstriped), the pattern slipping a pixel every len(TEXTURE_ROW) pixels. Every 2x2 block holds one light
     and one dark pair, so the shades average to the colour in every block."""
     colour = np.array(COLOURS[item['colour']], dtype=np.float32)
     yy, xx = np.mgrid[:size, :size]
-    pair = lambda v: TEXTURE_ROW[v % TEXTURE_PERIOD]
+    pair = lambda v: TEXTURE_ROW[v % len(TEXTURE_ROW)]
     if item['texture'] == 'plain':
         sign = np.zeros((size, size))
     elif item['texture'] == 'striped':
