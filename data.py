@@ -120,13 +120,12 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def build_dataset(args, image_size: int):
     if args.data is None:
-        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder), --data shapes or world3')
-    if args.data == 'world3':
-        from world3 import Dataset
+        raise ValueError('no dataset: pass --data /path/to/imagenet (an ImageNet-style folder) or --data shapes')
+    if args.data == 'shapes':  # the offline world (world/shapes.py), imported only by the runs that use it
+        from world.shapes import IMAGE_SIZE, Dataset
+        if image_size != IMAGE_SIZE:
+            raise ValueError(f'--data shapes renders {IMAGE_SIZE}-px images; the backbone takes {image_size} px')
         return Dataset('train', args.shapes_n, seed=args.seed)
-    if args.data == 'shapes':
-        from shapes import ShapesDataset
-        return ShapesDataset('train', args.shapes_n, image_size=image_size, seed=args.seed)
     dataset = FolderDataset(args.data, 'train', image_size, args.captions, args.class_names, train=True, seed=args.seed)
     if args.captions and dataset.missing_captions:
         print(f'{dataset.missing_captions} of {len(dataset)} images have no caption in {args.captions}: '

@@ -62,7 +62,7 @@ download fails with one line: download the file elsewhere and place it there.
 
 CLIP models: --clip-pretrained is an open_clip tag (downloaded by open_clip), a checkpoint file
 for the built-in architecture --clip-model, or a folder in open_clip's own local-dir layout
-(open_clip_config.json + open_clip_model.safetensors, as pretrain.py writes the shapes world's
+(open_clip_config.json + open_clip_model.safetensors, as world/pretrain.py writes the shapes world's
 tiny CLIP to checkpoints/shapes/clip/). Loading is pretrained.load_clip, the project's one CLIP
 loader (offline, a tag that is not in the Hugging Face cache fails within seconds, naming the repo,
 the file and the cache).

@@ -174,7 +174,7 @@ def init_text_projection(text_cond: TextCondition, clip: FrozenClip, var, datase
 
 
 def check_sampling(cfg: float, top_k: int, top_p: float):
-    """Sampling settings that no sampler can use: one line naming the flag (sample.py's, evaluate.py's)."""
+    """Sampling settings that no sampler can use: one line naming the flag (sample.py's, world.evaluate's)."""
     if not (math.isfinite(cfg) and cfg >= 0):
         raise ValueError(f'--cfg must be a finite number >= 0, got {cfg}')
     if top_k < 0:

@@ -1,7 +1,7 @@
 """
 Sample from a VAR tuned with MVP, or from the plain VAR.
 
-    python sample.py --text "a large green circle in the center on a white background"   # the shipped shapes run
+    python sample.py --text "a striped red heart on a white background"   # the shipped run of the shapes world
     python sample.py --ckpt runs/t2i/ckpt.pt --text "a red fox sitting in fresh snow"
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207,360,387      # class-to-image with the MVP prompts
     python sample.py --ckpt runs/mvp/ckpt.pt --class_id 207 --no_prompt  # the same backbone without them
@@ -79,7 +79,7 @@ def check_args(args):
             raise ValueError(f'--{name} must be at least 1, got {getattr(args, name)}')
     check_sampling(args.cfg, args.top_k, args.top_p)
     if args.text is not None and any(not t.strip() for t in args.text):
-        raise ValueError('--text is empty: give a caption, e.g. --text "a large green circle in the center"')
+        raise ValueError('--text is empty: give a caption, e.g. --text "a striped red heart on a white background"')
     if args.text is None and args.class_id is None and args.eval_npz is None:
         raise ValueError('nothing to sample: pass --text, --class_id or --eval_npz')
     if args.eval_npz:

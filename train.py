@@ -18,7 +18,7 @@ step live in mvp.py; this file is the training script: flags, data, the loop. On
 
 Every checkpoint writes OUT_DIR/ckpt.pt, to resume from (the trained tensors, optimizer, RNG states, step), and
 beside it the run's prompt folder: prompt.safetensors (the trained tensors alone) and config.json (what they are),
-which sample.py and evaluate.py load without pickle, from the folder or from a Hugging Face repo.
+which sample.py and world.evaluate load without pickle, from the folder or from a Hugging Face repo.
 """
 import argparse
 import json
@@ -88,11 +88,11 @@ def get_args(argv=None):
     g.add_argument('--clip_pretrained', default=DEFAULT_CLIP[1],
                    help='open_clip pretrained tag or checkpoint file; "none": random weights (a smoke test)')
     g = p.add_argument_group('data')
-    g.add_argument('--data', default=None, help='ImageNet-style folder (DATA/train/<class>/*), "shapes" '
-                   'or "world3" (the shapes world, version 2 or 3)')
+    g.add_argument('--data', default=None, help='ImageNet-style folder (DATA/train/<class>/*) or "shapes" (the '
+                   'offline world)')
     g.add_argument('--captions', default=None, help='JSONL of {"path": ..., "caption": ...} (paths relative to --data)')
     g.add_argument('--class_names', default=None, help='class names, one per line in sorted folder order')
-    g.add_argument('--shapes_n', type=int, default=5000, help='training images in the shapes world (either version)')
+    g.add_argument('--shapes_n', type=int, default=5000, help='training images of the shapes world')
     g.add_argument('--num_workers', type=int, default=None,
                    help='DataLoader workers per process; default: min(8, CPU cores / processes on this machine) '
                         '(bench.py dataloader measures what one worker decodes)')
@@ -141,7 +141,7 @@ def check_args(args):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f'--{name} must lie in [0, 1], got {getattr(args, name)}')
     parse_device(args.device)
-    if args.captions and args.data in ('shapes', 'world3'):
+    if args.captions and args.data == 'shapes':
         raise ValueError('--captions is for an image folder (--data DIR); the shapes world has its own captions')
     if args.captions and not os.path.isfile(args.captions):
         raise ValueError(f'--captions {args.captions}: no such file')

@@ -53,7 +53,8 @@ def tiny_clip():
 
 
 def write_tiny_backbone(folder: str, num_classes: int = 10) -> str:
-    """A random tiny backbone folder as train.py/sample.py read it: backbone.json + weights + clip/ (open_clip local-dir)."""
+    """A random tiny backbone folder as train.py, sample.py and world.evaluate read it: backbone.json + weights + clip/
+    (open_clip local-dir) + the judge."""
     import json
     import open_clip
     from safetensors.torch import save_file
@@ -68,8 +69,8 @@ def write_tiny_backbone(folder: str, num_classes: int = 10) -> str:
     with open(os.path.join(clip_dir, 'open_clip_config.json'), 'w') as f:
         json.dump({'model_cfg': TINY_CLIP_CFG, 'preprocess_cfg': {}}, f)
     save_file(open_clip.model.CLIP(**TINY_CLIP_CFG).state_dict(), os.path.join(clip_dir, 'open_clip_model.safetensors'))
-    from shapes import ShapeClassifier
-    torch.save(ShapeClassifier().state_dict(), os.path.join(folder, 'shape_classifier.pth'))
+    from world.shapes import Judge, save_judge
+    save_judge(Judge(), os.path.join(folder, 'judge.pth'))  # random: world.evaluate's figures, not their values
     return folder
 
 

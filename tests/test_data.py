@@ -1,4 +1,4 @@
-"""data.FolderDataset on small ImageNet-style folders written by shapes.export_image_folder (and by hand)."""
+"""data.FolderDataset on small ImageNet-style folders written by world.shapes.export_image_folder (and by hand)."""
 import json
 import os
 import sys
@@ -10,15 +10,15 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from data import FolderDataset, load_captions  # noqa: E402
-from shapes import CLASS_NAMES, export_image_folder  # noqa: E402
+from world.shapes import CLASS_NAMES, IMAGE_SIZE, export_image_folder  # noqa: E402
 
-S = 16  # the target image size
+S = 16  # the target image size, below the exported IMAGE_SIZE (32 px)
 
 
 @pytest.fixture(scope='module')
 def shapes_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes_folder')
-    records = export_image_folder(str(root), 'train', n_per_class=2, image_size=32)
+    records = export_image_folder(str(root), 'train', n_per_class=2)
     return str(root), records
 
 
@@ -71,8 +71,9 @@ def test_missing_captions_fall_back_to_the_sentence(shapes_folder, tmp_path):
 
 
 def test_images_shape_and_range(shapes_folder):
-    root, _ = shapes_folder
-    for size in (S, 24):
+    root, records = shapes_folder
+    assert Image.open(os.path.join(root, records[0]['path'])).size == (IMAGE_SIZE, IMAGE_SIZE)  # the world's 32 px
+    for size in (S, 24, IMAGE_SIZE):
         ds = FolderDataset(root, 'train', size)
         for i in (0, 7, 19):
             img = ds[i][0]

@@ -1,4 +1,4 @@
-"""evaluate.py on a tiny random backbone: the figures exist, are finite, and 'before' is the untrained model."""
+"""world.evaluate on a tiny random backbone: the judge's figures exist, are finite, and 'before' is the untrained model."""
 import math
 
 import numpy as np
@@ -6,31 +6,33 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
 import train
+from world import evaluate, shapes
 
 ARGS = ['--data', 'shapes', '--shapes_n', '32', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu',
         '--lambda_sen', '0', '--lambda_cap', '0', '--log_every', '1', '--sample_every', '0']
+C2I_FIGURES = {'FD_judge', 'FD_judge_se', 'class_accuracy', 'class_accuracy_se', 'IS_judge', 'precision', 'recall',
+               'FD_clip', 'FD_clip_se'}
 
 
 def test_class_to_image_before_equals_after_for_untrained_prompts(tiny_backbone, tmp_path):
     out = str(tmp_path / 'c2i')
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '1', '--lr', '0', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', per_class=2, seed=0)
-    assert set(results) == {'before', 'after'}
-    assert set(results['after']) == {'FD_cls', 'FD_cls_se', 'FD_clip', 'FD_clip_se', 'class_accuracy',
-                                     'class_accuracy_se'}
-    assert results['after']['FD_clip_se'] > 0 and results['after']['FD_cls_se'] > 0  # bootstrap: a spread
+    assert set(results) == {'before', 'after'} and set(results['after']) == C2I_FIGURES
+    assert results['after']['FD_clip_se'] > 0 and results['after']['FD_judge_se'] > 0  # bootstrap: a spread
     assert all(math.isfinite(v) for row in results.values() for v in row.values())
     assert results['before'] == results['after']  # lr 0: the prompts are still zero, so nothing may differ
+    with pytest.raises(ValueError, match='scores a text-to-image run of the shapes world'):
+        evaluate.score_caption(f'{out}/ckpt.pt', 'a red heart', n=2)  # one caption's samples: text-to-image alone
 
 
-def test_text_to_image_figures(tiny_backbone, tmp_path):
+def test_text_to_image_figures_and_one_captions_scores(tiny_backbone, tmp_path):
     out = str(tmp_path / 't2i')
     train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '2', '--lr', '0.5', '--t2i', *ARGS])
     results = evaluate.evaluate_run(f'{out}/ckpt.pt', n_texts=12, seed=0)
-    per_attribute = {f'{key}_accuracy' for key in ('shape', 'colour', 'size', 'position', 'background')}
-    figures = {'FD_cls', 'FD_clip', 'attribute_accuracy', *per_attribute}
+    per_attribute = {f'{a}_accuracy' for a in shapes.ATTRIBUTES}
+    figures = {'FD_judge', 'FD_clip', 'attribute_accuracy', *per_attribute}
     assert set(results['after']) == figures | {f + '_se' for f in figures} | {'clip_score'}
     for row in results.values():
         assert 0.0 <= row['attribute_accuracy'] <= 1.0 and 0.0 <= row['clip_score'] <= 100.0
@@ -39,8 +41,14 @@ def test_text_to_image_figures(tiny_backbone, tmp_path):
     ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
     assert ckpt['parts']['prompt.tokens'].abs().sum() > 0  # trained: "after" is a different model from "before"
     table = evaluate.format_results(results)
-    assert table.splitlines()[0].startswith('| | FD_cls | FD_clip | attribute_accuracy | shape_accuracy |')
+    assert table.splitlines()[0].startswith('| | FD_judge | attribute_accuracy | shape_accuracy | colour_accuracy |')
     assert ' ± ' in table.splitlines()[2]
+    scores = evaluate.score_caption(f'{out}/ckpt.pt', 'a striped red heart against a white background', n=3)
+    assert set(scores) == {'before', 'after'}
+    for row in scores.values():
+        assert set(row) == set(shapes.ATTRIBUTES) and all(0 <= right <= 3 for right in row.values())
+    with pytest.raises(ValueError, match='names no shape, colour, texture or background'):
+        evaluate.score_caption(f'{out}/ckpt.pt', 'a photo of something', n=2)
 
 
 def test_cli_bad_flags_are_refused_before_any_work(tmp_path, capsys):
@@ -51,33 +59,6 @@ def test_cli_bad_flags_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError) as error:  # before the (missing) checkpoint is read
         evaluate.main(['--ckpt', 'unused.pt', '--json', str(tmp_path / 'a_file' / 'r.json')])
     assert str(error.value).startswith('--json') and 'cannot create' in str(error.value)
-
-
-def test_class_probe_reads_a_class_only_where_the_features_hold_it():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 4, (600,), generator=g)
-    noise = torch.randn(600, 8, generator=g)
-    holding = noise + 3 * torch.nn.functional.one_hot(labels, 8).float()
-    assert evaluate.class_probe(holding[:500], labels[:500], holding[500:], labels[500:], epochs=5) > 0.9
-    assert evaluate.class_probe(noise[:500], labels[:500], noise[500:], labels[500:], epochs=5) < 0.45  # chance 0.25
-
-
-def test_coarse_probe_table_has_a_row_per_step_to_i_sen_and_a_column_per_target(tiny_backbone):
-    table = evaluate.coarse_probe(tiny_backbone, n_train=40, n_test=20).splitlines()
-    assert table[1] == '| features | names the class | names the size | names the position |'
-    rows = [line for line in table if line.startswith('| ') and line.endswith('% |')]
-    assert len(rows) == 6 and 'f_hat_1' in rows[2] and 'f_hat_kappa' in rows[4]
-    assert all(0 <= float(cell.strip(' %')) <= 100 for row in rows for cell in row.split('|')[2:-1])
-
-
-def test_prefix_probe_samples_less_the_more_scales_it_is_given(tiny_backbone):
-    K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
-    tables = [evaluate.prefix_probe(tiny_backbone, n=12, seed=seed).splitlines()[3:] for seed in (0, 1)]
-    assert [row.split(' | ')[0] for row in tables[0]] == ['| none'] + [f'| 1..{j} of {K}' for j in range(1, K + 1)]
-    assert tables[0][-1] == tables[1][-1]  # every scale given: the reconstructions, whatever the seed
-    assert tables[0][0] != tables[1][0]  # nothing given: the samples follow the seed
-    own_groups = [row.split(' | ')[-1].split(' / ')[1] for row in tables[0][:-1]]  # the renders' own: seed-free
-    assert own_groups == [row.split(' | ')[-1].split(' / ')[1] for row in tables[1][:-1]]
 
 
 def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, capsys):
@@ -91,17 +72,24 @@ def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, ca
     assert '--beta must lie between 0 and 1, got 1.5' in capsys.readouterr().err
 
 
-def test_fd_cls_reads_the_shape_classifiers_pooled_features(tiny_backbone):
-    """FD_cls's space is the judge's own: the features its head reads, from uint8 images as the samples are saved."""
-    import shapes
-    classifier = shapes.load_shape_classifier(tiny_backbone)
-    images = np.stack([shapes.render(a, 32) for a in shapes.make_split('test', 40, 0)])
-    feats = evaluate.classifier_features(classifier, images)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+def test_fd_judge_reads_the_judges_pooled_features(tiny_backbone):
+    """FD_judge's space is the judge's own: the features its head reads."""
+    judge = shapes.load_judge(tiny_backbone)
+    x = shapes.to_input(shapes.rendered('test', 40)[0])
+    feats, class_logits = shapes.judged(judge, x)
     with torch.no_grad():
-        np.testing.assert_allclose(feats, classifier.pooled(x).double().numpy(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(classifier.head(classifier.pooled(x)), classifier(x))
+        np.testing.assert_allclose(feats, judge.pooled(x).double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(class_logits, shapes.logits_of(judge(x))['shape'].double().numpy(), rtol=1e-5,
+                                   atol=1e-5)
     stats = evaluate.feature_statistics(feats)
     assert evaluate.fd_with_se(feats, stats)[0] < 1e-6  # a set against its own statistics
-    other = evaluate.classifier_features(classifier, np.stack([shapes.render(a, 32) for a in shapes.make_split('train', 40, 5)]))
-    assert evaluate.fd_with_se(other, stats)[0] > 1e-3
+    noise = shapes.judged(judge, torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)[0]
+    assert evaluate.fd_with_se(noise, stats)[0] > 10 * evaluate.fd_with_se(feats[:20], stats)[0]
+
+
+def test_partial_sums_draw_every_scale_below_the_renders(tiny_backbone, tmp_path):
+    from PIL import Image
+    evaluate.main(['--partial_sums', tiny_backbone, str(tmp_path / 'p.png')])
+    K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
+    with Image.open(tmp_path / 'p.png') as im:  # 8 renders, then each decoded up to scale 1..K: K + 1 rows of 32 px
+        assert im.size == (8 * 32 + 9 * 2, (K + 1) * 32 + (K + 2) * 2)

@@ -1,15 +1,11 @@
-"""experiments.py end to end on the tiny backbone: 1 seed, 2 steps, tiny evaluations, Tables 1 and 4 (the real
-train.py / evaluate.py subprocesses; ~20 s); the report's structure, the grid's resumability, the dry run."""
+"""world.experiments end to end on the tiny backbone: 1 seed, 2 steps, tiny evaluations, Tables 1 and 4 (the real
+train.py / world.evaluate subprocesses; ~20 s); the report's structure, the grid's resumability, the dry run."""
 import json
 import os
 import re
 import shutil
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import experiments  # noqa: E402
+from world import experiments
 
 TINY = ['--seeds', '0', '--steps', '2', '--batch_size', '4', '--shapes_n', '32', '--per_class', '2', '--n_texts', '4',
         '--jobs', '2']
@@ -55,19 +51,19 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
 
     report = open(report_path).read()
     assert report.startswith('# MVP\'s tables in miniature')
-    assert f'python experiments.py {" ".join(argv)}' in report  # the exact command
+    assert f'python -m world.experiments {" ".join(argv)}' in report  # the exact command
     assert re.search(r'This invocation took [\d.]+ min', report)
     assert '## Summary: of 6 comparisons with the paper' in report
     assert report.count('(0 clearly)') == 2  # agreements and disagreements: one seed decides nothing
     header, rows = table_rows(report, 'Table 1')
-    assert header == ['', 'FD_clip ↓', 'class acc ↑', 'trainable params', 'train s']
+    assert header == ['', 'FD_judge ↓', 'class acc ↑', 'IS_judge ↑', 'FD_clip ↓', 'trainable params', 'train s']
     assert list(rows) == ['VAR (no tuning)', 'VAR + MVP']
-    assert rows['VAR + MVP'][2] == '1,536' and rows['VAR (no tuning)'][2] == '–'
+    assert rows['VAR + MVP'][4] == '1,536' and rows['VAR (no tuning)'][4] == '–'
     assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', rows['VAR + MVP'][0])  # one seed: no ± std; the evaluation's SE
     header, rows = table_rows(report, 'Table 4')
     assert header[-1] == 'peak RSS MB' and list(rows) == ['VAR (no tuning)', '+ prefilled prompt', '+ MVP']
     assert float(rows['+ MVP'][-1]) > 100
-    assert '--prompt prefilled' in report and 'python evaluate.py --ckpt' in report  # the runs' commands
+    assert '--prompt prefilled' in report and 'python -m world.evaluate --ckpt' in report  # the runs' commands
     assert 'Paper: ' in report and 'Table 3' not in report  # only the tables asked for
     _, runs = table_rows(report, 'All runs')
     assert list(runs) == ['mvp', 'prefilled'] and [cells[1] for cells in runs.values()] == ['cached', 'done']
@@ -104,7 +100,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, 'mvp', 'seed0', 'ckpt.pt'))
     report = open(report_path).read()
     assert f'kept in {records} by an earlier session' in report
-    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
+    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][4] == '1,536'
 
     # --report_only: the report from the records alone, nothing run
     shutil.rmtree(out)
@@ -115,7 +111,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     report = open(report_path).read()
     assert '2 runs (settings x seeds): 0 run now, 2 found done by the same commands (in ' in report
     assert 'by an earlier session), 0 failed, 0 not run yet' in report
-    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][2] == '1,536'
+    assert table_rows(report, 'Table 1')[1]['VAR + MVP'][4] == '1,536'
 
 
 def test_unknown_run_is_an_error(capsys):
@@ -132,8 +128,9 @@ def test_dry_run_lists_the_full_grid(capsys):
     settings = len(experiments.RUNS)  # every setting is needed by some table
     assert lines[0].startswith(f'{3 * settings} runs ({settings} settings x 3 seeds)')
     assert len(commands) == 2 * 3 * settings + 1  # and the cross-domain folder's export
-    assert commands[0].startswith('python shapes.py export ') and '--style upside_down' in commands[0]
-    assert sum('train.py' in c for c in commands) == sum('evaluate.py' in c for c in commands) == 3 * settings
+    assert commands[0].startswith('python -m world.shapes export ') and '--style upside_down' in commands[0]
+    assert sum('train.py' in c for c in commands) == sum('world.evaluate' in c for c in commands) == 3 * settings
+    assert all('--data shapes' in c for c in commands if 'train.py' in c and '--data runs/' not in c)
     lora = [c for c in commands if '--prompt lora' in c]
     assert len(lora) == 6 and all('--lora_rank 8' in c and '--lr 0.001' in c for c in lora)
     assert all('--lr 0.0001' in c for c in commands if '--prompt full' in c)
@@ -149,7 +146,7 @@ def test_unknown_table_is_an_error(capsys):
 
 def test_cross_domain_table_end_to_end(tiny_backbone, tmp_path):
     """Table 8's twin: the upside-down domain is exported as an image folder, MVP, LoRA and full fine-tuning train on it
-    through train.py --data, and evaluate.py scores FD_clip against that folder's held-out split."""
+    through train.py --data, and world.evaluate scores FD_judge against that folder's held-out split."""
     out, report_path = str(tmp_path / 'runs'), str(tmp_path / 'experiments.md')
     # the three runs at once (one thread each): one round instead of two on a 2-core machine
     argv = ['--backbone', tiny_backbone, '--tables', '8', *TINY, '--jobs', '3', '--out', out, '--report', report_path]
@@ -163,12 +160,12 @@ def test_cross_domain_table_end_to_end(tiny_backbone, tmp_path):
         assert config['data'] == domain and config['captions'].endswith('captions.jsonl')
     report = open(report_path).read()
     header, rows = table_rows(report, "Table 8's twin")
-    assert header == ['', 'FD_clip ↓', 'class acc ↑', 'trainable params', '% of VAR', 'train s']
+    assert header == ['', 'FD_judge ↓', 'class acc ↑', 'FD_clip ↓', 'trainable params', '% of VAR', 'train s']
     assert list(rows) == ['VAR (no tuning) on the new domain', 'full fine-tuning', 'LoRA', 'MVP']
-    assert rows['full fine-tuning'][3] == '100.00'
-    assert 0 < float(rows['MVP'][3]) < float(rows['LoRA'][3]) < 100
+    assert rows['full fine-tuning'][4] == '100.00'
+    assert 0 < float(rows['MVP'][4]) < float(rows['LoRA'][4]) < 100
     assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', rows['MVP'][0])  # one seed: the value and its evaluation SE
-    assert 'shapes.py export' in report or 'x_mvp' in report
+    assert 'x_mvp' in report
 
 
 def test_a_time_is_compared_only_between_runs_on_one_machine():
@@ -197,18 +194,11 @@ def test_bad_flags_stop_before_any_run(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
-def test_a_world3_backbone_trains_on_world3_and_the_paths_table_runs_every_token_path(tmp_path):
-    """The grid trains on the world its backbone was built for (a v3 backbone holds judge.pth), and the paths study
-    runs each of clip_loss.TOKENS once per task, beside CE alone and the soft temperatures."""
+def test_the_paths_table_runs_every_token_path_on_the_shapes_world(tmp_path):
+    """The paths study runs each of clip_loss.TOKENS once per task, beside CE alone and the soft temperatures."""
     from clip_loss import TOKENS
-    backbone = tmp_path / 'world3'
-    backbone.mkdir()
-    (backbone / 'judge.pth').write_bytes(b'')
-    args = experiments.get_args(['--backbone', str(backbone), '--tables', 'paths', '--seeds', '0'])
+    args = experiments.get_args(['--backbone', str(tmp_path), '--tables', 'paths', '--seeds', '0'])
     trains = {name: experiments.commands(args, name, 0)[0] for name in args.run_list}
-    assert all(cmd[cmd.index('--data') + 1] == 'world3' for cmd in trains.values())
+    assert all(cmd[cmd.index('--data') + 1] == 'shapes' for cmd in trains.values())
     drawn = {cmd[cmd.index('--tokens') + 1] for cmd in trains.values() if '--tokens' in cmd}
     assert drawn | {'soft'} == set(TOKENS) and len(trains) == 14
-    shipped = experiments.get_args(['--tables', 'paths', '--seeds', '0'])  # the v2 backbone: the v2 world
-    train = experiments.commands(shipped, 'tok_rollout', 0)[0]
-    assert train[train.index('--data') + 1] == 'shapes'

@@ -1,26 +1,39 @@
-"""The house's layers: scripts (train.py, sample.py, evaluate.py, pretrain.py, pretrain3.py, experiments.py, bench.py)
-import modules, never each other, and no two modules import each other."""
+"""The house's layers: scripts (train.py, sample.py, bench.py, and world/'s pretrain, evaluate and experiments) import
+modules, never each other, and no two modules import each other; the method's files never import the world."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {'train', 'sample', 'evaluate', 'pretrain', 'pretrain3', 'experiments', 'bench'}
+SCRIPTS = {'train', 'sample', 'bench', 'world.pretrain', 'world.evaluate', 'world.experiments'}
+
+
+METHOD = {'var', 'vqvae', 'frame_prompt', 'clip_loss', 'text_condition', 'mvp', 'update'}
+
+
+def project_modules() -> dict:
+    """{module name: its file}: the top-level files (train) and world/'s (world.shapes)."""
+    modules = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith('.py')}
+    world = os.path.join(ROOT, 'world')
+    modules.update({f'world.{f[:-3]}': os.path.join(world, f) for f in os.listdir(world)
+                    if f.endswith('.py') and f != '__init__.py'})
+    return modules
 
 
 def project_imports() -> dict:
-    """{file stem: the project's files it imports, at any depth of the file (lazy imports included)}."""
-    stems = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py')}
+    """{module name: the project's modules it imports, at any depth of the file (lazy imports included)}."""
+    modules = project_modules()
     graph = {}
-    for stem in stems:
-        with open(os.path.join(ROOT, stem + '.py')) as f:
+    for name, path in modules.items():
+        with open(path) as f:
             tree = ast.parse(f.read())
-        names = set()
+        imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                names |= {alias.name.split('.')[0] for alias in node.names}
+                imported |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split('.')[0])
-        graph[stem] = (names & stems) - {stem}
+                # from world import shapes: the module world.shapes; from world.shapes import X: world.shapes
+                imported |= {node.module} | {f'{node.module}.{alias.name}' for alias in node.names}
+        graph[name] = (imported & set(modules)) - {name}
     return graph
 
 
@@ -35,3 +48,11 @@ def test_no_two_modules_import_each_other():
     graph = project_imports()
     circles = {tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph.get(b, set())}
     assert not circles, circles
+
+
+def test_the_methods_files_never_import_the_world_or_a_tool():
+    graph = project_imports()
+    assert METHOD <= set(graph) and 'world.shapes' in graph
+    offenders = {f'{name} imports {sorted(graph[name] - METHOD - {"device", "pretrained", "baselines"})}'
+                 for name in METHOD if graph[name] - METHOD - {'device', 'pretrained', 'baselines'}}
+    assert not offenders, offenders

@@ -1,7 +1,7 @@
 """The baselines of MVP's Table 3 in train.py: --prompt lora and --prompt full, on the tiny backbone (CPU, 2 steps).
 
 Checked: they train, class-to-image and text-to-image; a checkpoint holds only what trained (the LoRA pairs, or the
-VAR's state dict, plus the text projection); a zero LoRA update is exactly the plain model; sample.py, evaluate.py
+VAR's state dict, plus the text projection); a zero LoRA update is exactly the plain model; sample.py, world.evaluate
 and --resume work from their checkpoints.
 """
 import os
@@ -13,7 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import evaluate  # noqa: E402
+from world import evaluate  # noqa: E402
 import sample  # noqa: E402
 import mvp  # noqa: E402
 import train  # noqa: E402
@@ -154,8 +154,8 @@ def test_evaluate_before_is_the_untrained_model(tiny_backbone, tmp_path):
     """lr 0: nothing moves, so "after" must equal "before", which for LoRA / full is the plain backbone."""
     lora = run(tiny_backbone, tmp_path / 'lora', '--prompt', 'lora', '--max_steps', 1, '--lr', 0, *NO_SEMANTIC)
     results = evaluate.evaluate_run(lora, per_class=1, seed=0)
-    assert {'FD_clip', 'class_accuracy'} <= set(results['after']) and results['before'] == results['after']
+    assert {'FD_judge', 'class_accuracy'} <= set(results['after']) and results['before'] == results['after']
     full = run(tiny_backbone, tmp_path / 'full', '--prompt', 'full', '--t2i', '--max_steps', 1, '--lr', 0, *NO_SEMANTIC)
     results = evaluate.evaluate_run(full, n_texts=6, seed=0)
-    assert {'FD_clip', 'attribute_accuracy', 'clip_score'} <= set(results['after'])
+    assert {'FD_judge', 'attribute_accuracy', 'clip_score'} <= set(results['after'])
     assert results['before'] == results['after']

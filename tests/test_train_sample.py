@@ -411,9 +411,9 @@ def test_cli_error_empty_data_folder(tiny_backbone, tmp_path):
 
 
 def test_cli_error_broken_captions_line(tiny_backbone, tmp_path):
-    from shapes import export_image_folder
+    from world.shapes import export_image_folder
     data = tmp_path / 'data'
-    export_image_folder(str(data), 'train', n_per_class=1, image_size=IMAGE)
+    export_image_folder(str(data), 'train', n_per_class=1)
     lines = (data / 'captions.jsonl').read_text().splitlines()
     lines[2] = lines[2][:-5]  # line 3: cut off mid-object
     (tmp_path / 'broken.jsonl').write_text('\n'.join(lines) + '\n')
