@@ -12,8 +12,8 @@ off): its teacher-forced prediction then comes from the class alone, so a soft f
 class with the class's average colours, whatever the caption says, and no gradient through it reaches a prompt.
 There the image's own first-scale map is used, as the transformer's input already does in teacher forcing; the
 scales the prompts act on stay predicted. The paper does not say how I_sen and I_cap are made differentiable;
-the other ways train.py offers are TOKENS below, and what was measured is in docs/shapes_world.md ("The semantic
-loss in the shapes world").
+the other ways train.py offers are TOKENS below, compared on the shapes world by `python -m world.experiments
+--tables paths`.
 A frozen CLIP scores them against two texts with the symmetric image-text contrastive loss:
     L_semantic = lambda_sen * L_CLIP(I_sen, "a photo of a {class}") + lambda_cap * L_CLIP(I_cap, caption)  (Eq. 8)
 and training minimises L = CE + L_semantic (Eq. 9). Gradients flow through CLIP's image tower, the

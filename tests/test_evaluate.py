@@ -93,3 +93,17 @@ def test_partial_sums_draw_every_scale_below_the_renders(tiny_backbone, tmp_path
     K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
     with Image.open(tmp_path / 'p.png') as im:  # 8 renders, then each decoded up to scale 1..K: K + 1 rows of 32 px
         assert im.size == (8 * 32 + 9 * 2, (K + 1) * 32 + (K + 2) * 2)
+
+
+def test_a_folder_run_is_scored_only_on_the_worlds_classes(tmp_path):
+    """An exported folder (Table 8's domain) gives held-out images with their labels; a folder of other classes,
+    which the judge cannot name, is refused in one line."""
+    shapes.export_image_folder(str(tmp_path / 'domain'), 'test', 1, style='upside_down')
+    images, items = evaluate.reference_set(str(tmp_path / 'domain'), 12, seed=0)
+    assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+    assert all(0 <= a['label'] < shapes.NUM_CLASSES for a in items)
+    for name in ('cat', 'dog'):
+        (tmp_path / 'other' / 'test' / name).mkdir(parents=True)
+        (tmp_path / 'other' / 'test' / name / '0.png').write_bytes((tmp_path / 'domain' / 'test' / 'circle' / '00000.png').read_bytes())
+    with pytest.raises(ValueError, match="are not the shapes world's"):
+        evaluate.reference_set(str(tmp_path / 'other'), 4, seed=0)

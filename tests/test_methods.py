@@ -121,7 +121,7 @@ def test_sample_from_lora_and_full_checkpoints(runs, tmp_path):
         sample.main(['--ckpt', runs[(method, 'c2i')], '--class_id', '0,1', '--n', '2', '--out', str(out), '--device', 'cpu'])
         assert out.is_file()
         out = tmp_path / f'{method}_t2i.png'
-        sample.main(['--ckpt', runs[(method, 't2i')], '--text', 'a small red square in the center', '--n', '2',
+        sample.main(['--ckpt', runs[(method, 't2i')], '--text', 'a pinstriped blue square on a gray background', '--n', '2',
                      '--out', str(out), '--device', 'cpu'])
         assert out.is_file()
         with pytest.raises(ValueError, match='--no_prompt'):

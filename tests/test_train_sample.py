@@ -37,7 +37,7 @@ IMAGE = 32  # the tiny backbone's image size: patch_nums (1, 2, 3, 4) x downsamp
 PAD = 2  # save_grid's padding between and around the images
 DATA = ['--data', 'shapes', '--shapes_n', '64', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu']
 NO_SEMANTIC = ['--lambda_sen', '0', '--lambda_cap', '0']
-CAPTION = 'a large green circle in the center on a white background'
+CAPTION = 'a striped red heart on a white background'
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 

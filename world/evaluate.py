@@ -57,6 +57,9 @@ def reference_set(data: str, n: int, seed: int):
         raise FileNotFoundError(f'no held-out split {os.path.join(data, "test")}: the samples are compared with the '
                                 f'training folder\'s test/<class>/<images>')
     dataset = FolderDataset(data, 'test', shapes.IMAGE_SIZE, train=False)
+    if dataset.class_names != shapes.CLASS_NAMES:  # the judge names the world's classes, in their order
+        raise ValueError(f'{data}: its classes {dataset.class_names[:4]}... are not the shapes world\'s '
+                         f'{shapes.CLASS_NAMES[:4]}...: the judge cannot score them')
     chosen = np.random.default_rng(seed).choice(len(dataset), size=n, replace=n > len(dataset))
     images = to_uint8(torch.stack([dataset.load_image(int(i)) for i in chosen]).add(1).mul(0.5))
     return images, [{'label': dataset.samples[int(i)][1]} for i in chosen]

@@ -65,7 +65,7 @@ RUNS = {
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
     't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
     't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
-    # the balance of CE and the semantic loss (docs/balance.md): smaller lambdas, and the other ways to combine them
+    # the balance of CE and the semantic loss (docs/running.md): smaller lambdas, and the other ways to combine them
     'bal_l0.001': ['--lambda_sen', '0.001', '--lambda_cap', '0.001'],
     'bal_l0.01': ['--lambda_sen', '0.01', '--lambda_cap', '0.01'],
     'bal_l0.1': ['--lambda_sen', '0.1', '--lambda_cap', '0.1'],
@@ -243,9 +243,9 @@ SECTIONS += study_sections(
     ('FD_judge', 'class_accuracy', 'attribute_accuracy'))
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
-# for the time estimate (docs/experiments.md), measured by the grid of the world's previous, larger backbone (so an
-# upper bound) on this project's 2-core CPU machines, two runs at a time at one torch thread each: seconds per step at batch 16 (the training loop's own time over 300 steps), and per evaluated
-# image (world.evaluate's wall time: sampling, CLIP features, the reference set). Two machines, both named 'AMD EPYC':
+# for the time estimate, measured by the grid of the world's previous, larger backbone (so an upper bound) on this
+# project's 2-core CPU machines, two runs at a time at one torch thread each: seconds per step at batch 16 (the
+# training loop's own time over 300 steps), and per evaluated image (world.evaluate's wall time: sampling, CLIP features, the reference set). Two machines, both named 'AMD EPYC':
 # one with AVX-512 (train.py's --dtype auto: bf16 autocast), one without (fp32, and slower at fp32 too)
 STEP_S = {'bfloat16': {'semantic': 2.3, 'ce': 1.25}, 'float32': {'semantic': 4.7, 'ce': 2.4}}
 EVAL_S_PER_IMAGE = {'bfloat16': 0.13, 'float32': 0.24}
@@ -277,7 +277,7 @@ def get_args(argv=None):
     p.add_argument('--records', default=None,
                    help='a folder for each finished run\'s small records (run.json, eval.json, config.json), to keep in '
                         'git: runs recorded there by the same commands count as done, so a grid spread over sessions '
-                        'or machines resumes where it stopped (docs/experiments_runs holds the shipped report\'s)')
+                        'or machines resumes where it stopped')
     p.add_argument('--runs', default=None,
                    help='comma-separated settings to run now, of the chosen tables\' (default: all of them); the '
                         'report still covers every chosen table, from the runs there are')
@@ -352,7 +352,7 @@ def records_dir(args, name: str, seed: int) -> str:
 
 def domain_folder(args) -> str:
     """Where the cross-domain runs' image folder is exported: as many training images as the shapes runs get, and as
-    many held-out images as FD_clip compares the class-to-image samples with."""
+    many held-out images as FD_judge compares the class-to-image samples with."""
     return os.path.join(args.out, f'domain_{DOMAIN_STYLE}_{args.shapes_n}_{args.per_class}')
 
 
@@ -779,7 +779,7 @@ def report(args, argv, status: dict, started: float) -> str:
 
 def machine(record: dict):
     """The CPU a run ran on and the autocast train.py chose there (one CPU name can cover models with and without bf16
-    matrix units), as the report names it; None for a record from before experiments.py recorded the CPU."""
+    matrix units), as the report names it; None for a record from before the grid recorded the CPU."""
     if not record.get('cpu'):
         return None
     autocast = f', autocast {record["autocast"]}' if record.get('autocast') else ''

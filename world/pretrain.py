@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -190,7 +191,8 @@ def refill_dead_codes(vae, x: torch.Tensor):
 def train_vqvae(args):
     """The multi-scale VQVAE on the reconstruction loss, VQ's, and a partial-sum loss: for a share of the batch one
     coarse partial sum per image, decoded, against the image as that scale can draw it, so the coarse scales hold a
-    coarse image, the class's silhouette included, not the background alone (world v2's tokenizer did)."""
+    coarse image, the class's silhouette included, not the background alone (as the previous world's tokenizer did:
+    docs/shapes_world.md)."""
     torch.manual_seed(args.seed)
     device = args.device
     train_images = torch.as_tensor(shapes.rendered('train', args.n_train, args.seed)[0], device=device)
@@ -289,12 +291,16 @@ def save_clip(model, tokenizer, folder: str):
     state = model.state_dict()
     state['token_embedding.weight'] = state['token_embedding.weight'][[tokenizer.encoder[t] for t in vocab]]
     cfg = {**CLIP_CFG, 'text_cfg': {**CLIP_CFG['text_cfg'], 'vocab_size': len(vocab)}}
-    os.makedirs(folder, exist_ok=True)
-    with gzip.open(os.path.join(folder, CLIP_VOCAB), 'wt', encoding='utf-8') as f:
+    part = os.path.normpath(folder) + '.part'  # renamed to `folder` when whole: no reader sees half a CLIP
+    shutil.rmtree(part, ignore_errors=True)
+    os.makedirs(part)
+    with gzip.open(os.path.join(part, CLIP_VOCAB), 'wt', encoding='utf-8') as f:
         f.write('\n'.join(['#version: 0.2'] + [' '.join(m) for m in merges]))  # no trailing newline: no empty merge
-    with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
+    with open(os.path.join(part, 'open_clip_config.json'), 'w') as f:
         json.dump({'model_cfg': cfg, 'preprocess_cfg': {'mean': [0.5] * 3, 'std': [0.5] * 3}}, f, indent=1)
-    save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(folder, 'open_clip_model.safetensors'))
+    save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(part, 'open_clip_model.safetensors'))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(part, folder)
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
-
 # -----------------------------------------------------------------------------
 # geometry: each shape is a list of (polygon (k, 2), fill) drawn in order, fill 1 adds and fill 0 cuts a hole; y points
 # down. Normalised to unit area, centroid at the origin.
@@ -110,7 +109,7 @@ TYPICAL_SHARE = 0.6
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125), "navy": (25, 35, 85)}
 TEXTURES = ("plain", "striped", "pinstriped")
 # + - + - - +: a period-2 pattern that slips every 6 pixels. 6 is no multiple of the VQVAE's 4-pixel token, so
-# neighbouring tokens hold different parts of it: a field of equal tokens would decode flat (docs/world_v3.md)
+# neighbouring tokens hold different parts of it: a field of equal tokens would decode flat (docs/shapes_world.md)
 TEXTURE_ROW = np.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
 SHADE = 48.0  # a texture's two shades: the colour +- SHADE per channel (less near 0 or 255), so their mean is the colour
 AREA = (0.26, 0.40)  # the silhouette's share of the image
@@ -226,7 +225,6 @@ def low_pass(x_B3HW: torch.Tensor, side: int) -> torch.Tensor:
 def area_downsample(images_uint8: np.ndarray, side: int = KAPPA_SIDE) -> np.ndarray:
     """What a view at kappa's resolution holds: (N, H, W, 3) uint8 -> (N, side, side, 3) float, low_pass."""
     return low_pass(torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float(), side).permute(0, 2, 3, 1).numpy()
-
 
 
 def to_input(images_uint8, device=None) -> torch.Tensor:
@@ -382,7 +380,7 @@ def gate0(train_images: np.ndarray, train_items, test_images: np.ndarray, test_i
 
 
 def picture(items) -> Image.Image:
-    """Renders in rows of 10, drawn 3x larger: the world at a glance (docs/world_v3.png)."""
+    """Renders in rows of 10, drawn 3x larger: the world at a glance (checkpoints/shapes/renders.png)."""
     rows = [np.concatenate([render(a) for a in items[r:r + 10]], 1) for r in range(0, len(items), 10)]
     grid = np.concatenate(rows)
     return Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
