@@ -1,12 +1,15 @@
 """
 The processes of one training run: one, or several under torchrun (DDP: torchrun sets RANK, WORLD_SIZE and
-LOCAL_RANK). Whatever the processes must agree on goes through here, so train.py's loop reads the same for one
-process as for eight.
+LOCAL_RANK). Whatever the processes must agree on goes through here (devices, averaged gradients, RNG states, the
+folder's lock, and the stop: Ctrl-C or a loss that is not finite ends every process at the same step), so train.py's
+loop reads the same for one process as for eight.
 """
 import os
 import random
+import signal
 import sys
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -107,3 +110,49 @@ def end_process(proc: Process, exit_code: Optional[int] = None):
         dist.destroy_process_group()
     if exit_code is not None:
         sys.exit(exit_code)
+
+
+# -----------------------------------------------------------------------------
+# the stop: Ctrl-C and a loss that is not finite end every process at the same step
+
+
+@contextmanager
+def stop_on_interrupt():
+    """Within it, Ctrl-C (SIGINT) only appends to the list it yields, for the training loop to stop cleanly at a step."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
+    """Record on the device, without a host sync, the first step whose loss is not finite and that loss:
+    watch_2 = (step or -1, loss). check_stop reads it back only where the loop must sync anyway."""
+    loss = loss.detach().float()
+    new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss)
+    watch_2[0] = torch.where(new_bad, float(step + 1), watch_2[0])  # a Python scalar: no host-to-device copy
+    watch_2[1] = torch.where(new_bad, loss, watch_2[1])
+
+
+def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):
+    """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss at this or any
+    step since the last check exits and leaves the last checkpoint as it was (the loop checks before every update
+    that is logged or checkpointed, so no bad step is ever saved). Every process stops at the same step, or none does."""
+    finite, going = all_true(proc, [watch_2[0] < 0, not interrupted])
+    if finite and going:
+        return
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if finite:  # interrupted: this batch is not trained on
+        save(ckpt_path, step)
+    bar.close()
+    if proc.master and finite:
+        print(f'\ninterrupted at step {step}: saved {ckpt_path}; continue with the same command and --resume auto',
+              file=sys.stderr)
+    elif proc.master:
+        kept = f'the last good checkpoint {ckpt_path} is untouched' if os.path.isfile(ckpt_path) else 'no checkpoint was written'
+        bad_step, bad_loss = watch_2.tolist()
+        where = f'the loss is {bad_loss} at step {int(bad_step)}' if bad_step > 0 else 'another process\'s loss is not finite'
+        print(f'\nerror: {where}; stopping ({kept})', file=sys.stderr)
+    end_process(proc, 1 if not finite else 130)

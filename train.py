@@ -24,18 +24,18 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Callable, Optional, Tuple
+from contextlib import nullcontext
+from typing import Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from clip_loss import TOKENS, SemanticLoss
 from data import batches_of_epoch, build_dataset, epoch_loader
-from ddp import Process, all_true, claim_out_dir, end_process, reduce_mean, rng_states, set_rng_states, setup_process
+from ddp import (Process, check_stop, claim_out_dir, end_process, reduce_mean, rng_states, set_rng_states, setup_process,
+                 stop_on_interrupt, watch_loss)
 from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
 from mvp import (CONFIG_FILE, MVP, build_run, check_same_architecture, generate_images, init_text_projection,
@@ -151,17 +151,6 @@ def check_args(args):
 # data, and the loop's plumbing
 
 
-@contextmanager
-def stop_on_interrupt():
-    """Within it, Ctrl-C (SIGINT) only appends to the list it yields, for the training loop to stop cleanly at a step."""
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def find_resume(args) -> Tuple[Optional[dict], Optional[str]]:
     """The checkpoint to continue from, if any; its settings must match the ones asked for."""
     path = os.path.join(args.out_dir, 'ckpt.pt') if args.resume == 'auto' else args.resume
@@ -223,37 +212,6 @@ def start_run(args, parts, var, dataset, proc: Process, dtype, step: int) -> Tup
     print(f'data: {len(dataset):,} images; device {proc.device}, autocast {dtype}, world size {proc.world}'
           + (f'; resuming at step {step}' if step else ''))
     return run_config, start_log(args.out_dir, step)
-
-
-def watch_loss(watch_2: torch.Tensor, loss: torch.Tensor, step: int):
-    """Record on the device, without a host sync, the first step whose loss is not finite and that loss:
-    watch_2 = (step or -1, loss). check_stop reads it back only where the loop must sync anyway."""
-    loss = loss.detach().float()
-    new_bad = (watch_2[0] < 0) & ~torch.isfinite(loss)
-    watch_2[0] = torch.where(new_bad, float(step + 1), watch_2[0])  # a Python scalar: no host-to-device copy
-    watch_2[1] = torch.where(new_bad, loss, watch_2[1])
-
-
-def check_stop(watch_2, interrupted: list, step: int, out_dir: str, proc: Process, save: Callable, bar):
-    """Before a step's update: Ctrl-C saves the state after the last step and exits; a NaN or inf loss at this or any
-    step since the last check exits and leaves the last checkpoint as it was (the loop checks before every update
-    that is logged or checkpointed, so no bad step is ever saved). Every process stops at the same step, or none does."""
-    finite, going = all_true(proc, [watch_2[0] < 0, not interrupted])
-    if finite and going:
-        return
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if finite:  # interrupted: this batch is not trained on
-        save(ckpt_path, step)
-    bar.close()
-    if proc.master and finite:
-        print(f'\ninterrupted at step {step}: saved {ckpt_path}; continue with the same command and --resume auto',
-              file=sys.stderr)
-    elif proc.master:
-        kept = f'the last good checkpoint {ckpt_path} is untouched' if os.path.isfile(ckpt_path) else 'no checkpoint was written'
-        bad_step, bad_loss = watch_2.tolist()
-        where = f'the loss is {bad_loss} at step {int(bad_step)}' if bad_step > 0 else 'another process\'s loss is not finite'
-        print(f'\nerror: {where}; stopping ({kept})', file=sys.stderr)
-    end_process(proc, 1 if not finite else 130)
 
 
 def main(argv=None):
