@@ -1,7 +1,7 @@
 """
 The baselines MVP is compared with, kept apart from the method's files: the prefilled prompt of MVP's Table 4
 (PrefilledPrompt; var.py prepends it, in its lines marked "baseline") and LoRA on VAR's attention, Table 3's;
-mvp.build_run builds either for train.py and bench.py. Full fine-tuning, Table 3's other baseline, needs no code of its own:
+mvp.build_run builds either for train.py and tools/bench.py. Full fine-tuning, Table 3's other baseline, needs no code of its own:
 train.py unfreezes the VAR.
 
 LoRA: every block's attn.mat_qkv and attn.proj get a trainable low-rank update: W -> W + (alpha / r) B A, with

@@ -210,7 +210,7 @@ class SemanticLoss(nn.Module):
         """chunk: decode and embed I_sen and I_cap this many images at a time, recomputing them in the backward
         (EmbedInChunks, and the decoder layer by layer within a chunk: the same loss and gradient, for the activation
         memory of one decoder layer on `chunk` images instead of the whole decoder on 2B: at 256 px the decoder's
-        activations are most of a step's memory, bench.py fullsize); 0: one batched pass, nothing recomputed."""
+        activations are most of a step's memory, tools.bench fullsize); 0: one batched pass, nothing recomputed."""
         super().__init__()
         self.clip, self.vqvae = clip, vqvae
         self.kappa = inter_anchor(beta, len(vqvae.patch_nums))

@@ -35,7 +35,7 @@ def parse_device(name: str) -> torch.device:
 
 def set_conv_layout(vae, dtype: torch.dtype):
     """The VQVAE's convolution weights in channels_last (NHWC) memory for bf16/fp16 sampling, where oneDNN's and
-    cuDNN's fast convolution kernels want it (bench.py sampling measures the gain), and in the default layout for
+    cuDNN's fast convolution kernels want it (tools.bench sampling measures the gain), and in the default layout for
     fp32, whose results match the official code bit for bit. The values stay the same."""
     vae.to(memory_format=torch.channels_last if dtype != torch.float32 else torch.contiguous_format)
 
@@ -45,7 +45,7 @@ def cast_once(*modules: nn.Module):
     """Inside one autocast region, each fp32 weight is cast to bf16/fp16 once instead of at every use: autocast caches
     the cast only for leaf tensors that require grad, so the frozen weights are marked so for the duration (under
     no_grad nothing records a graph). Without it, sampling re-casts every linear layer's weight at each scale, a large
-    share of its time (bench.py sampling). The values computed are the same."""
+    share of its time (tools.bench sampling). The values computed are the same."""
     frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)

@@ -134,7 +134,7 @@ class MVP(nn.Module):
 
 def build_run(config: dict, device, need_clip: bool, backbone: Optional[tuple] = None):
     """Backbone (frozen), trainable parts and, when needed, CLIP, all from a run config (a dict of train.py's flags).
-    backbone: a (vae, var) already built (bench.py's random ones) instead of config['backbone']'s."""
+    backbone: a (vae, var) already built (tools/bench.py's random ones) instead of config['backbone']'s."""
     vae, var = backbone or load_backbone(config['backbone'], config['depth'], config.get('cache_dir'), device)
     prompt = lora = tuned_var = None
     if config['prompt'] in ('mvp', 'prefilled'):

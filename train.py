@@ -95,7 +95,7 @@ def get_args(argv=None):
     g.add_argument('--shapes_n', type=int, default=5000, help='training images of the shapes world')
     g.add_argument('--num_workers', type=int, default=None,
                    help='DataLoader workers per process; default: min(8, CPU cores / processes on this machine) '
-                        '(bench.py dataloader measures what one worker decodes)')
+                        '(tools.bench dataloader measures what one worker decodes)')
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=16, help='per process')
     g.add_argument('--max_steps', type=int, default=5000)

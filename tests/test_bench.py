@@ -1,4 +1,4 @@
-"""bench.py's training and scaling benchmarks at a minimal size: the tables have the expected rows (never timings).
+"""tools/bench.py's training and scaling benchmarks at a minimal size: the tables have the expected rows (never timings).
 
     python -m pytest -q tests/test_bench.py
 """
@@ -14,7 +14,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 from baselines import attach_lora, make_lora  # noqa: E402
 
 TINY = ['--batch', '2', '--repeats', '1', '--warmup', '1']
@@ -44,7 +44,7 @@ def table_rows(text):
 
 
 def run_main(monkeypatch, capsys, argv):
-    monkeypatch.setattr(sys, 'argv', ['bench.py'] + argv)
+    monkeypatch.setattr(sys, 'argv', ['tools/bench.py'] + argv)
     threads = torch.get_num_threads()
     try:
         bench.main()
@@ -71,7 +71,7 @@ def test_training_table_rows(monkeypatch, capsys, tmp_path):
 
 def test_training_fresh_process_measures_memory():
     """The default path: the variant runs in a worker process of its own, which reports its peak RSS growth."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), 'training', '--variants', 'mvp', *TINY],
+    proc = subprocess.run([sys.executable, '-m', 'tools.bench', 'training', '--variants', 'mvp', *TINY],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
@@ -180,9 +180,9 @@ def test_sampling_table_kv_on(monkeypatch, capsys):
 
 
 def test_device_check_dry_run_writes_every_part(tmp_path):
-    """bench.py device at tiny sizes on the CPU: the parts, files and checks a GPU run makes, so it cannot rot."""
+    """tools.bench device at tiny sizes on the CPU: the parts, files and checks a GPU run makes, so it cannot rot."""
     out = tmp_path / 'device'
-    result = subprocess.run([sys.executable, 'bench.py', 'device', '--dry_run', '--out_dir', str(out)], cwd=REPO,
+    result = subprocess.run([sys.executable, '-m', 'tools.bench', 'device', '--dry_run', '--out_dir', str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

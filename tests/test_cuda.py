@@ -1,4 +1,4 @@
-"""The CUDA path on the tiny models of conftest.py: skipped without a GPU, run by `python bench.py device` on one.
+"""The CUDA path on the tiny models of conftest.py: skipped without a GPU, run by `python -m tools.bench device` on one.
 What the CPU tests cannot show: the same function on the GPU, a bf16 training step there, and sampling there."""
 
 import pytest
@@ -8,7 +8,7 @@ from clip_loss import SemanticLoss
 from frame_prompt import FramePrompt
 from mvp import MVP, TunedParts
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (bench.py device runs these on a GPU)')
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (tools.bench device runs these on a GPU)')
 CUDA = torch.device('cuda')
 
 

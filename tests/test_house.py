@@ -1,21 +1,22 @@
-"""The house's layers: scripts (train.py, sample.py, bench.py, and world/'s pretrain, evaluate and experiments) import
+"""The house's layers: scripts (train.py, sample.py, tools/bench.py, and world/'s pretrain, evaluate and experiments) import
 modules, never each other, and no two modules import each other; the method's files never import the world."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {'train', 'sample', 'bench', 'world.pretrain', 'world.evaluate', 'world.experiments'}
+SCRIPTS = {'train', 'sample', 'tools.bench', 'world.pretrain', 'world.evaluate', 'world.experiments'}
 
 
 METHOD = {'var', 'vqvae', 'frame_prompt', 'clip_loss', 'text_condition', 'mvp', 'update'}
 
 
 def project_modules() -> dict:
-    """{module name: its file}: the top-level files (train) and world/'s (world.shapes)."""
+    """{module name: its file}: the top-level files (train) and the packages' (world.shapes, tools.bench)."""
     modules = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith('.py')}
-    world = os.path.join(ROOT, 'world')
-    modules.update({f'world.{f[:-3]}': os.path.join(world, f) for f in os.listdir(world)
-                    if f.endswith('.py') and f != '__init__.py'})
+    for package in ('world', 'tools'):
+        folder = os.path.join(ROOT, package)
+        modules.update({f'{package}.{f[:-3]}': os.path.join(folder, f) for f in os.listdir(folder)
+                        if f.endswith('.py') and f != '__init__.py'})
     return modules
 
 

@@ -97,8 +97,8 @@ def test_same_samples(top_k, top_p, cfg):
 
 
 def test_bench_official_sampler_is_the_official_model_on_our_weights():
-    """bench.py sampling --official builds the official models from ours (same weights): the same images as ours."""
-    import bench
+    """tools.bench sampling --official builds the official models from ours (same weights): the same images as ours."""
+    from tools import bench
     o_vae, o_var = official_models(shared_aln=False)
     vae, var = our_models(o_vae, o_var, shared_aln=False)
     args = type('Args', (), dict(cfg=1.5, top_k=10, top_p=0.9))()

@@ -485,7 +485,7 @@ def test_unusable_flag_values_are_one_line(flag, value):
 
 
 def test_default_workers_share_the_cores(monkeypatch):
-    """Enough DataLoader workers to feed a GPU (one decodes ~130 JPEGs/s at 256 px: bench.py dataloader), shared
+    """Enough DataLoader workers to feed a GPU (one decodes ~130 JPEGs/s at 256 px: tools.bench dataloader), shared
     among the processes torchrun starts on the machine, at most 8 each; an explicit value stays."""
     monkeypatch.setattr(os, 'cpu_count', lambda: 16)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
@@ -889,7 +889,7 @@ def test_a_step_at_the_released_size(tmp_path):
     random weights (--backbone released-random), ViT-B-16 CLIP with random weights, 256 px JPEGs through the folder
     DataLoader, MVP at tau 20 with CE + both semantic losses (one image at a time: the 256 px default), one step of
     batch 2, the checkpoint and the prompt folder written (about a minute on a 2-core CPU)."""
-    import bench
+    from tools import bench
     from safetensors.torch import load_file
     bench.synthetic_jpegs(str(tmp_path / 'data'), 4, 300, 280)
     result = run_cli(['train.py', '--backbone', 'released-random', '--depth', 16, '--data', tmp_path / 'data',

@@ -2,12 +2,12 @@
 Benchmarks, nanoGPT style: one file, no framework. Each benchmark is a function that prints a table and returns
 its rows (a list of dicts, one per table row); `--out FILE` appends the table to FILE as markdown.
 
-    python bench.py sampling                       # VAR next-scale sampling, KV cache on vs off (CPU, 1 thread)
-    python bench.py sampling --threads 0           # torch's default thread count
-    python bench.py sampling --device cuda --out bench.md
-    python bench.py training                       # one training step's time and peak memory: frozen VAR, MVP,
+    python -m tools.bench sampling                       # VAR next-scale sampling, KV cache on vs off (CPU, 1 thread)
+    python -m tools.bench sampling --threads 0           # torch's default thread count
+    python -m tools.bench sampling --device cuda --out bench.md
+    python -m tools.bench training                       # one training step's time and peak memory: frozen VAR, MVP,
                                                    # MVP + semantic loss, prefilled prompt, LoRA, full fine-tuning
-    python bench.py scaling                        # sampling time vs the number of scales / final map side n
+    python -m tools.bench scaling                        # sampling time vs the number of scales / final map side n
 
 Adding a benchmark: write `def name(args) -> List[dict]`, decorate it with @benchmark (its docstring's first line
 is the help text); give it its own command-line options with @benchmark(add_args=fn), fn(parser) adding them
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from var import VAR
 from vqvae import MultiScaleQuantizer, VQVAE
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS: Dict[str, Callable] = {}
 EXTRA_ARGS: Dict[str, Callable] = {}
 
@@ -549,8 +549,8 @@ def cuda_step_fits(step, batch) -> bool:
 
 
 def worker_command(args, variant: str) -> List[str]:
-    """The command that runs one variant in a fresh process (bench.py <name> --worker <variant> with args' options)."""
-    cmd = [sys.executable, os.path.abspath(__file__), args.name, '--worker', variant, '--device', args.device,
+    """The command that runs one variant in a fresh process (tools.bench <name> --worker <variant> with args' options)."""
+    cmd = [sys.executable, '-m', 'tools.bench', args.name, '--worker', variant, '--device', args.device,
            '--threads', str(args.threads), '--repeats', str(args.repeats), '--seed', str(args.seed),
            '--batch', str(args.batch), '--tau', str(args.tau), '--lora_rank', str(args.lora_rank),
            '--warmup', str(args.warmup)] + (['--compile'] if args.compile else [])
@@ -576,7 +576,7 @@ def run_variants(args) -> Optional[Dict[str, dict]]:
         if args.in_process:
             results[v] = training_worker(args, v, measure_rss=False)
             continue
-        proc = subprocess.run(worker_command(args, v), capture_output=True, text=True)
+        proc = subprocess.run(worker_command(args, v), capture_output=True, text=True, cwd=REPO)
         found = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
         if proc.returncode != 0 or not found:
             raise RuntimeError(f'training worker {v!r} failed (exit code {proc.returncode}):\n{proc.stdout}{proc.stderr}')
@@ -803,7 +803,7 @@ def dataloader_args(parser):
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--workers', default='0,1,2', help='comma-separated num_workers to time')
     parser.add_argument('--step_s', type=float, default=None,
-                        help='seconds a training step takes at --batch (bench.py fullsize): how many workers keep up')
+                        help='seconds a training step takes at --batch (tools.bench fullsize): how many workers keep up')
     parser.set_defaults(repeats=1)
 
 
@@ -923,7 +923,7 @@ def part_status(records) -> str:
 def bench_json(name: str, flags: List[str], seconds: float, folder: str, tag: str) -> dict:
     """bench.py NAME FLAGS in its own process within `seconds`: the run's record, with its JSON ('result') if it ended."""
     path = os.path.join(folder, f'{tag}.json')
-    record = run_within([sys.executable, os.path.abspath(__file__), name, *flags, '--json', path], seconds)
+    record = run_within([sys.executable, '-m', 'tools.bench', name, *flags, '--json', path], seconds)
     if record['rc'] == 0 and os.path.isfile(path):
         with open(path) as f:
             record['result'] = json.load(f)
@@ -1086,7 +1086,7 @@ def device(args) -> Optional[List[dict]]:
     os.makedirs(work)
     t0 = time.time()
     report = {'device': device_name, 'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
-              'command': 'python bench.py device ' + ' '.join(sys.argv[2:]), 'env': environment(torch.device('cpu'
+              'command': 'python -m tools.bench device ' + ' '.join(sys.argv[2:]), 'env': environment(torch.device('cpu'
               if args.dry_run else 'cuda')), 'parts': {}}
     slug = ''.join(c if c.isalnum() else '_' for c in device_name).strip('_')
     for part in parts:
@@ -1130,7 +1130,7 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def main():
-    parser = argparse.ArgumentParser(description='Benchmarks: bench.py <benchmark> [options]; bench.py <benchmark> -h')
+    parser = argparse.ArgumentParser(description='Benchmarks: python -m tools.bench <benchmark> [options]; python -m tools.bench <benchmark> -h')
     sub = parser.add_subparsers(dest='name', required=True, metavar='benchmark')
     for name, fn in BENCHMARKS.items():
         p = sub.add_parser(name, parents=[common_options()], help=(fn.__doc__ or '').strip().splitlines()[0])
