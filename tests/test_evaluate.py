@@ -61,14 +61,21 @@ def test_cli_bad_flags_are_refused_before_any_work(tmp_path, capsys):
     assert str(error.value).startswith('--json') and 'cannot create' in str(error.value)
 
 
-def test_semantic_signal_measures_i_sen_at_the_scale_beta_sets(tiny_backbone, capsys):
+def test_semantic_signal_gives_every_path_a_gradient_at_the_scale_beta_sets(tiny_backbone, tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    train.main(['--backbone', tiny_backbone, '--out_dir', out, '--max_steps', '1', '--lr', '0', *ARGS])
     K = len(evaluate.load_backbone(tiny_backbone)[0].patch_nums)
     for beta in (0.5, 0.75):
-        table = evaluate.semantic_signal(tiny_backbone, batches=1, batch_size=4, beta=beta)
-        assert f'I_sen from scales 1..{math.floor(beta * K)} of {K}' in table.splitlines()[0]
-        assert len(table.splitlines()) == 3 + 5  # header, table head, one row per way of decoding
+        table = evaluate.semantic_signal(f'{out}/ckpt.pt', batches=1, batch_size=4, beta=beta).splitlines()
+        assert f'I_sen from scales 1..{math.floor(beta * K)} of {K}' in table[0]
+        assert len(table) == 3 + 2 + len(evaluate.PATHS)  # header, table head, the floor's two rows, one per path
+        for line in table[5:]:  # each path: finite losses, a gradient from each level, a cosine in [-1, 1]
+            cells = [c.strip() for c in line.strip('|').split('|')]
+            sen, cap, _, g_ce, g_sen, g_cap, cos_sen, cos_cap = cells[1:]
+            assert all(math.isfinite(float(v)) for v in (sen, cap)) and float(g_ce) > 0, line
+            assert float(g_sen) > 0 and float(g_cap) > 0 and all(-1 <= float(c) <= 1 for c in (cos_sen, cos_cap)), line
     with pytest.raises(SystemExit):
-        evaluate.main(['--semantic_signal', tiny_backbone, '--beta', '1.5'])
+        evaluate.main(['--semantic_signal', out, '--beta', '1.5'])
     assert '--beta must lie between 0 and 1, got 1.5' in capsys.readouterr().err
 
 

@@ -54,7 +54,7 @@ def test_every_stage_writes_its_gate_and_the_build_stops_at_the_first_missed(tin
     assert {'heldout_psnr_db', 'own_tokens_at_kappa', 'judge_on_reconstructions'} <= set(reports['vqvae'])
     assert {'image_to_caption_top1', 'names_class_at_kappa'} <= set(reports['clip'])
     assert {'class_recognised', 'fd_judge_samples', 'fd_ratio', 'is_judge', 'precision', 'recall',
-            'sentence_loss_teacher_forced'} <= set(reports['var'])
+            'sentence_loss_own_first_map', 'sentence_loss_predicted_first_map'} <= set(reports['var'])
     assert reports['var']['samples'] == 20 and reports['var']['guessing_level'] == pytest.approx(np.log(16), abs=1e-3)
     # the VQVAE trains on the partial-sum loss too
     assert ' coarse ' in result.stdout and ' coarse 0.0000 ' not in result.stdout

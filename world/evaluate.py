@@ -13,23 +13,25 @@ update, or the pretrained VAR for full fine-tuning) and the least-squares text p
 on an image folder of the world's classes (Table 8's upside-down domain) is scored against the folder's test split.
 
     python -m world.evaluate --ckpt runs/t2i --caption "a striped red heart on a navy background"   # one caption
-    python -m world.evaluate --semantic_signal checkpoints/shapes   # Eq. 8's losses on images decoded in each way
+    python -m world.evaluate --semantic_signal checkpoints/shapes/mvp_c2i   # Eq. 8's signal on every differentiable path
     python -m world.evaluate --partial_sums checkpoints/shapes partial_sums.png   # renders decoded up to each scale
 """
 import argparse
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_loss import FrozenClip, SemanticLoss, contrastive_loss
+from clip_loss import SemanticLoss, contrastive_loss, inter_anchor
 from data import FolderDataset, build_dataset, collate
 from device import DTYPES, set_conv_layout
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance, inception_score, precision_recall
-from mvp import build_run, check_sampling, generate_images, init_text_projection, load_run
-from pretrained import check_writable, load_backbone, load_clip, save_grid, to_uint8, write_json
+from mvp import MVP, build_run, check_sampling, generate_images, init_text_projection, load_run, read_run
+from pretrained import check_writable, load_backbone, save_grid, to_uint8, write_json
+from update import norm_of, term_gradients
 from world import shapes
 
 
@@ -147,48 +149,72 @@ def score_caption(ckpt: str, caption: str, n: int = 50, seed: int = 0, cfg_scale
     return scores
 
 
-@torch.no_grad()
-def semantic_signal(backbone: str, batches: int = 4, batch_size: int = 16, seed: int = 0, beta: float = 0.6) -> str:
-    """Where the semantic loss's signal is lost: the sentence loss on I_sen and the caption loss on
-    I_cap (Eq. 7-8) for training images, with I_sen and I_cap decoded from the real image, from its own tokens, and
-    from the backbone's teacher-forced predictions (no prompt) made differentiable in the ways train.py offers, and
-    how often CLIP names the class of I_sen. log(batch_size) is what a contrastive loss pays for guessing. beta sets
-    I_sen's scale, kappa = floor(beta K) (the paper's 0.6)."""
-    vae, var = load_backbone(backbone)
-    clip = FrozenClip(*load_clip(os.path.join(backbone, 'clip')))
-    semantic = SemanticLoss(clip, vae, beta)
-    dataset = shapes.Dataset('train', 5000)
+PATHS = (('soft tokens, T = 0.5', 'soft', 0.5), ('soft tokens, T = 1', 'soft', 1.0), ('soft tokens, T = 2', 'soft', 2.0),
+         ('straight-through Gumbel', 'gumbel', 1.0), ('straight-through argmax', 'argmax', 1.0),
+         ('free-running rollout', 'rollout', 1.0))  # train.py's --tokens and --soft_temperature
+
+
+def semantic_signal(run: str, batches: int = 3, batch_size: int = 16, seed: int = 0,
+                    beta: Optional[float] = None) -> str:
+    """Whether Eq. 8's losses carry a signal, at the start of a run's training (zero prompts; text-to-image: the
+    least-squares projection) on the untuned VAR, for every differentiable path (clip_loss.py): the sentence loss on
+    I_sen and the caption loss on I_cap against log(batch), what a contrastive loss pays for guessing; how often CLIP
+    names the class of I_sen; each term's gradient at the trainable parameters beside CE's, and its cosine with CE's.
+    The real images and their own tokens give the losses' floor. beta: I_sen's scale kappa = floor(beta K), the
+    run's own unless given."""
+    config = dict(read_run(run)[0], **({} if beta is None else {'beta': beta}))
+    if config['data'] != 'shapes':
+        raise ValueError(f'--semantic_signal {run}: a run on --data {config["data"]}; this measures runs on the shapes world')
+    vae, var, clip, parts = build_run(config, 'cpu', need_clip=True)
+    dataset = shapes.Dataset('train', config['shapes_n'])
+    floor = SemanticLoss(clip, vae, config['beta'])
+    if config['t2i']:
+        init_text_projection(parts.text_cond, clip, var, dataset)
+    params = list(parts.parameters())
     order = np.random.default_rng(seed).permutation(len(dataset))[:batches * batch_size]
     class_texts = clip.encode_text([shapes.sentence(c) for c in range(var.num_classes)])
     one_hot = lambda idx_BL: F.one_hot(idx_BL, vae.vocab_size).float() * 1e4  # logits whose softmax is exactly one-hot
+    first_scale_fixed = config['prompt'] == 'mvp' and config['first_scale'] == 'off' and not config['t2i']
     rows = {}
     for b in range(batches):
         images, labels, sentences, captions = collate([dataset[int(i)] for i in order[b::batches]])
         idx = vae.img_to_idx(images)
-        logits = var(var.class_emb(labels), vae.quantize.teacher_forcing_input(idx))  # (B, L, V)
-        own_first = idx[0]
-        decoded = {
-            'the real images': (images, images),
-            "the image's own tokens": semantic.decode_sen_cap(one_hot(torch.cat(idx, 1))),
-            'soft tokens, T = 1, predicted first map': semantic.decode_sen_cap(logits),
-            "soft tokens, T = 1, the image's own first map (train.py's choice, class-to-image)":
-                semantic.decode_sen_cap(logits, own_first),
-            "argmax tokens (a straight-through estimator's forward), own first map":
-                semantic.decode_sen_cap(one_hot(logits.argmax(-1)), own_first),
-        }
+        decoded = {'the real images': (images, images),
+                   "the image's own tokens": floor.decode_sen_cap(one_hot(torch.cat(idx, 1)))}
         for name, (img_sen, img_cap) in decoded.items():
-            feats = clip.encode_image(img_sen)
-            row = rows.setdefault(name, {'sen': [], 'cap': [], 'named': []})
-            row['sen'].append(contrastive_loss(feats, clip.encode_text(sentences), sentences, clip.logit_scale()).item())
-            row['cap'].append(contrastive_loss(clip.encode_image(img_cap), clip.encode_text(captions), captions,
-                                               clip.logit_scale()).item())
-            row['named'].append(((feats @ class_texts.T).argmax(1) == labels).float().mean().item())
-    lines = [f'{batches} batches of {batch_size} training images, log({batch_size}) = {np.log(batch_size):.2f}; '
-             f'I_sen from scales 1..{semantic.kappa} of {len(vae.patch_nums)}',
-             '| I_sen and I_cap decoded from | sentence loss (I_sen) | CLIP names the class of I_sen | caption loss (I_cap) |',
-             '|---|---|---|---|']
+            with torch.no_grad():
+                feats = clip.encode_image(img_sen)
+                row = rows.setdefault(name, {})
+                row.setdefault('sen', []).append(
+                    contrastive_loss(feats, clip.encode_text(sentences), sentences, clip.logit_scale()).item())
+                row.setdefault('cap', []).append(contrastive_loss(
+                    clip.encode_image(img_cap), clip.encode_text(captions), captions, clip.logit_scale()).item())
+                row.setdefault('named', []).append(((feats @ class_texts.T).argmax(1) == labels).float().mean().item())
+        for name, tokens, temperature in PATHS:
+            semantic = SemanticLoss(clip, vae, config['beta'], 1.0, 1.0, temperature, tokens)
+            model = MVP(vae, var, parts, clip, semantic, config['cond_drop'], first_scale_fixed)
+            torch.manual_seed(seed + b)  # the condition drop and the Gumbel draws
+            _, losses = model(idx, labels, sentences, captions)
+            grads = term_gradients(losses, params)
+            norms = {term: norm_of(g).item() for term, g in grads.items()}
+            dot = lambda a, c: sum((x * y).sum() for x, y in zip(grads[a], grads[c])).item()
+            row = rows.setdefault(name, {})
+            for key, value in (('sen', losses['sen'].item()), ('cap', losses['cap'].item()),
+                               ('g_ce', norms['ce']), ('g_sen', norms['sen'] / norms['ce']),
+                               ('g_cap', norms['cap'] / norms['ce']),
+                               ('cos_sen', dot('ce', 'sen') / (norms['ce'] * norms['sen'] + 1e-12)),
+                               ('cos_cap', dot('ce', 'cap') / (norms['ce'] * norms['cap'] + 1e-12))):
+                row.setdefault(key, []).append(value)
+    task = 'text-to-image' if config['t2i'] else 'class-to-image'
+    lines = [f'{task}, {batches} batches of {batch_size} training images, log({batch_size}) = {np.log(batch_size):.2f}; '
+             f'I_sen from scales 1..{inter_anchor(config["beta"], len(vae.patch_nums))} of {len(vae.patch_nums)}',
+             '| I_sen and I_cap from | sentence loss | caption loss | CLIP names the class of I_sen | gradient norm CE | '
+             'sentence / CE | caption / CE | cos(CE, sentence) | cos(CE, caption) |', '|---' * 9 + '|']
+    formats = {'sen': '{:.2f}', 'cap': '{:.2f}', 'named': '{:.0%}', 'g_ce': '{:.3g}', 'g_sen': '{:.2g}',
+               'g_cap': '{:.2g}', 'cos_sen': '{:+.2f}', 'cos_cap': '{:+.2f}'}
     for name, row in rows.items():
-        lines.append(f'| {name} | {np.mean(row["sen"]):.2f} | {100 * np.mean(row["named"]):.0f}% | {np.mean(row["cap"]):.2f} |')
+        cells = [fmt.format(np.mean(row[key])) if key in row else '-' for key, fmt in formats.items()]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -215,9 +241,10 @@ def format_results(results: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description='Evaluate an MVP run on the shapes world (before vs after tuning).')
     p.add_argument('--ckpt', help='a run of train.py on the shapes backbone (its ckpt.pt, prompt folder or repo id)')
-    p.add_argument('--semantic_signal', metavar='BACKBONE', help='instead: the semantic loss on images decoded in '
-                   'several ways from a backbone folder\'s own tokens and its VAR\'s predictions')
-    p.add_argument('--beta', type=float, default=0.6, help='with --semantic_signal: kappa = floor(beta K), I_sen\'s scale')
+    p.add_argument('--semantic_signal', metavar='RUN', help='instead: Eq. 8\'s losses and gradients at the start of a '
+                   'run\'s training (its settings, zero prompts) for every differentiable path, and their floor')
+    p.add_argument('--beta', type=float, default=None, help='with --semantic_signal: kappa = floor(beta K), I_sen\'s '
+                   'scale (default: the run\'s)')
     p.add_argument('--partial_sums', nargs=2, metavar=('BACKBONE', 'PNG'), help='instead: draw held-out renders '
                    'decoded from their own tokens up to every scale')
     p.add_argument('--per_class', type=int, default=50, help='class-to-image samples per class')
@@ -234,7 +261,7 @@ def main(argv=None):
     for name in ('per_class', 'n_texts', 'n'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if not 0 < args.beta < 1:
+    if args.beta is not None and not 0 < args.beta < 1:
         p.error(f'--beta must lie between 0 and 1, got {args.beta}')
     try:
         check_sampling(args.cfg, top_k=0, top_p=1)
