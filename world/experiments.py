@@ -243,12 +243,12 @@ SECTIONS += study_sections(
     ('FD_judge', 'class_accuracy', 'attribute_accuracy'))
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
-# for the time estimate, measured by the grid of the world's previous, larger backbone (so an upper bound) on this
-# project's 2-core CPU machines, two runs at a time at one torch thread each: seconds per step at batch 16 (the
-# training loop's own time over 300 steps), and per evaluated image (world.evaluate's wall time: sampling, CLIP features, the reference set). Two machines, both named 'AMD EPYC':
-# one with AVX-512 (train.py's --dtype auto: bf16 autocast), one without (fp32, and slower at fp32 too)
-STEP_S = {'bfloat16': {'semantic': 2.3, 'ce': 1.25}, 'float32': {'semantic': 4.7, 'ce': 2.4}}
-EVAL_S_PER_IMAGE = {'bfloat16': 0.13, 'float32': 0.24}
+# for the time estimate: seconds per training step at batch 16 and per evaluated image (world.evaluate's wall time),
+# two runs at a time at one torch thread each, on a 2-core CPU with bf16 units (train.py's --dtype auto: bf16
+# autocast), from the grid's first runs on the shipped backbone; the fp32 row takes the fp32 / bf16 ratio the
+# previous world's grid measured on the two machine kinds (2.0), an estimate until a grid runs there
+STEP_S = {'bfloat16': {'semantic': 1.0, 'ce': 0.5}, 'float32': {'semantic': 2.0, 'ce': 1.0}}
+EVAL_S_PER_IMAGE = {'bfloat16': 0.05, 'float32': 0.1}
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
 
@@ -809,8 +809,8 @@ def main(argv=None):
           f'evaluated already: {2 * len(todo)} commands to run, estimated {hours["bfloat16"]:.1f} h of run time, '
           f'~{hours["bfloat16"] / parallel:.1f} h with {args.jobs} at a time (at {STEP_S["bfloat16"]["semantic"]} s '
           f'per step at batch 16, {EVAL_S_PER_IMAGE["bfloat16"]} s per evaluated image, measured on a 2-core CPU with '
-          f'bf16 autocast, two runs at a time at one thread each; ~{hours["float32"] / parallel:.1f} h on the 2-core '
-          f'CPU without AVX-512, which trains in fp32)')
+          f'bf16 autocast, two runs at a time at one thread each; ~{hours["float32"] / parallel:.1f} h, estimated, on a '
+          f'2-core CPU without bf16 units, which trains in fp32)')
     cross_domain = any('--data' in RUNS[name] for name, _ in chosen)
     if args.dry_run:
         if cross_domain:
