@@ -63,8 +63,9 @@ RUNS = {
     't2i_full': ['--t2i', '--prompt', 'full'],
     't2i_first_off': ['--t2i', '--first_scale', 'off'],
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
-    't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
-    't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
+    't2i_sem_sentence': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '0'],
+    't2i_sem_caption': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '1'],
+    't2i_eq9': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1'],  # Eq. 9 as written (the default: CE alone)
     # the balance of CE and the semantic loss (docs/running.md): smaller lambdas, and the other ways to combine them
     'bal_l0.001': ['--lambda_sen', '0.001', '--lambda_cap', '0.001'],
     'bal_l0.01': ['--lambda_sen', '0.01', '--lambda_cap', '0.01'],
@@ -75,20 +76,21 @@ RUNS = {
     't2i_bal_l0.001': ['--t2i', '--lambda_sen', '0.001', '--lambda_cap', '0.001'],
     't2i_bal_l0.01': ['--t2i', '--lambda_sen', '0.01', '--lambda_cap', '0.01'],
     't2i_bal_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1'],
-    't2i_bal_norm0.1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '0.1'],
-    't2i_bal_norm1': ['--t2i', '--balance', 'normalize', '--semantic_ratio', '1'],
-    't2i_bal_clip_each': ['--t2i', '--balance', 'clip_each'],
-    # how I_sen and I_cap are made differentiable (clip_loss.TOKENS; soft tokens at T = 1 is the default, 'mvp')
+    't2i_bal_norm0.1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'normalize', '--semantic_ratio', '0.1'],
+    't2i_bal_norm1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'normalize', '--semantic_ratio', '1'],
+    't2i_bal_clip_each': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'clip_each'],
+    # how I_sen and I_cap are made differentiable (clip_loss.TOKENS; soft tokens at T = 1 is the default), at Eq. 9's
+    # lambdas
     'tok_soft0.5': ['--soft_temperature', '0.5'],
     'tok_soft2': ['--soft_temperature', '2'],
     'tok_gumbel': ['--tokens', 'gumbel'],
     'tok_argmax': ['--tokens', 'argmax'],
     'tok_rollout': ['--tokens', 'rollout'],
-    't2i_tok_soft0.5': ['--t2i', '--soft_temperature', '0.5'],
-    't2i_tok_soft2': ['--t2i', '--soft_temperature', '2'],
-    't2i_tok_gumbel': ['--t2i', '--tokens', 'gumbel'],
-    't2i_tok_argmax': ['--t2i', '--tokens', 'argmax'],
-    't2i_tok_rollout': ['--t2i', '--tokens', 'rollout'],
+    't2i_tok_soft0.5': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--soft_temperature', '0.5'],
+    't2i_tok_soft2': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--soft_temperature', '2'],
+    't2i_tok_gumbel': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'gumbel'],
+    't2i_tok_argmax': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'argmax'],
+    't2i_tok_rollout': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'rollout'],
     # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
     'x_mvp': ['--data', '{domain}'],
     'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
@@ -197,7 +199,7 @@ SECTIONS = [
     dict(table='sem', title='The semantic loss, text-to-image: what each level adds', metrics=T2I,
          rows=[('CE only (lambda_sen = lambda_cap = 0)', 't2i_sem_none', 'after'),
                ('CE + sentence', 't2i_sem_sentence', 'after'), ('CE + caption', 't2i_sem_caption', 'after'),
-               ('CE + sentence + caption (MVP)', 't2i_mvp', 'after')],
+               ('CE + sentence + caption (MVP)', 't2i_eq9', 'after')],
          paper='As above (no table).',
          claims=[('CE + sentence + caption (MVP)', 'CE only (lambda_sen = lambda_cap = 0)', m)
                  for m in ('FD_judge', 'attribute_accuracy')]
@@ -205,20 +207,23 @@ SECTIONS = [
 ]
 def study_sections(table: str, title: str, paper: str, rows: list, c2i_metrics: tuple, t2i_metrics: tuple,
                    judged: tuple) -> list:
-    """A study's two sections, class-to-image (run names as given) and text-to-image (t2i_ in front), each row judged
-    against the first (CE alone) on `judged`: (the quality figure, the c2i accuracy, the t2i accuracy)."""
+    """A study's two sections, class-to-image and text-to-image (rows: label, the one run, the other), each row
+    judged against the first (CE alone) on `judged`: (the quality figure, the c2i accuracy, the t2i accuracy)."""
     quality, c2i_accuracy, t2i_accuracy = judged
     return [dict(table=table, title=f'{title}, {task}', paper=paper, metrics=metrics,
-                 rows=[(label, prefix + run, 'after') for label, run in rows],
-                 claims=[(label, rows[0][0], m) for label, _ in rows[1:] for m in (quality, accuracy)])
-            for task, prefix, metrics, accuracy in (('class-to-image', '', c2i_metrics, c2i_accuracy),
-                                                     ('text-to-image', 't2i_', t2i_metrics, t2i_accuracy))]
+                 rows=[(label, runs[column], 'after') for label, *runs in rows],
+                 claims=[(row[0], rows[0][0], m) for row in rows[1:] for m in (quality, accuracy)])
+            for task, column, metrics, accuracy in (('class-to-image', 0, c2i_metrics, c2i_accuracy),
+                                                     ('text-to-image', 1, t2i_metrics, t2i_accuracy))]
 
 
-BALANCE_ROWS = [('CE only', 'sem_none'), ('lambda 0.001', 'bal_l0.001'), ('lambda 0.01', 'bal_l0.01'),
-                ('lambda 0.1', 'bal_l0.1'), ('lambda 1 (Eq. 9 as written)', 'mvp'),
-                ('normalize, each level 0.1 x CE', 'bal_norm0.1'), ('normalize, each level 1 x CE', 'bal_norm1'),
-                ('clip each loss at 1.0', 'bal_clip_each')]
+BALANCE_ROWS = [('CE only', 'sem_none', 't2i_sem_none')] + [
+    (label, run, 't2i_' + run) for label, run in (('lambda 0.001', 'bal_l0.001'), ('lambda 0.01', 'bal_l0.01'),
+                                                  ('lambda 0.1', 'bal_l0.1'))] + [
+    ('lambda 1 (Eq. 9 as written)', 'mvp', 't2i_eq9')] + [
+    (label, run, 't2i_' + run) for label, run in (('normalize, each level 0.1 x CE', 'bal_norm0.1'),
+                                                  ('normalize, each level 1 x CE', 'bal_norm1'),
+                                                  ('clip each loss at 1.0', 'bal_clip_each'))]
 BALANCE_PAPER = ('No lambdas given; Eq. 9 adds the semantic loss to CE. Here every semantic setting is judged against '
                  'CE alone on what no loss trains against: FD_judge (the judge\'s features), the class or the '
                  'attributes it reads; FD_clip (the training CLIP\'s space) is shown, never used to choose. grad sen / ce, '
@@ -230,9 +235,11 @@ SECTIONS += study_sections(
     ('FD_judge', 'attribute_accuracy', 'texture_accuracy', 'FD_clip', 'clip_score', 'sen_over_ce', 'cap_over_ce',
      'clipped_pct', 'train_s'),
     ('FD_judge', 'class_accuracy', 'attribute_accuracy'))
-PATH_ROWS = [('CE only', 'sem_none'), ('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 1 (default)', 'mvp'),
-             ('soft, T = 2', 'tok_soft2'), ('straight-through Gumbel', 'tok_gumbel'),
-             ('straight-through argmax', 'tok_argmax'), ('free-running rollout', 'tok_rollout')]
+PATH_ROWS = [('CE only', 'sem_none', 't2i_sem_none'), ('soft, T = 1 (default)', 'mvp', 't2i_eq9')] + [
+    (label, run, 't2i_' + run) for label, run in (('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 2', 'tok_soft2'),
+                                                  ('straight-through Gumbel', 'tok_gumbel'),
+                                                  ('straight-through argmax', 'tok_argmax'),
+                                                  ('free-running rollout', 'tok_rollout'))]
 PATH_PAPER = ('No method given: the paper does not say how I_sen and I_cap are made differentiable. Each path is '
               'judged against CE alone on the judge (FD_judge, the class or the caption attributes it reads); '
               'FD_clip, the training CLIP\'s own space, is shown and never used to choose.')
@@ -684,7 +691,8 @@ def report(args, argv, status: dict, started: float) -> str:
         f'{args.shapes_n} shapes images (lr {args.lr} for prompts, {args.lr_lora} for LoRA rank {args.lora_rank}, '
         f'{args.lr_full} for full fine-tuning; {args.warmup_steps} warm-up steps, then cosine decay), with MVP\'s '
         f'defaults unless the row says otherwise: frame prompts, tau 20, the first-scale prompt off for '
-        f'class-to-image and on for text-to-image, CE + sentence + caption loss (beta 0.6, both lambdas 1). LoRA and '
+        f'class-to-image and on for text-to-image, the semantic loss at its default (beta 0.6; class-to-image: both '
+        f'lambdas 1, Eq. 9 as written; text-to-image: off, CE alone). LoRA and '
         f'full fine-tuning use the same loss and steps as MVP.',
         f'- Cells are mean ± sample std over the seeds ({", ".join(map(str, args.seed_list))}); a seed sets the '
         f'training run and the evaluation (its samples and its held-out reference images). In brackets: the '
