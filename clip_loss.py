@@ -103,7 +103,8 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, texts:
 # 'gumbel', one codebook entry sampled forward and the soft gradient backward (straight-through Gumbel-softmax);
 # 'argmax', the most likely entry forward, the soft gradient backward; 'rollout', free running: the VAR draws each
 # scale (straight-through Gumbel) from the scales it drew itself, as the sampler does (rollout_token_maps), instead
-# of reading the teacher-forced logits, whose every scale sees the image's own coarser tokens.
+# of reading the teacher-forced logits, whose every scale sees the image's own coarser tokens. docs/semantic_loss.md
+# measures each path's signal.
 TOKENS = ('soft', 'gumbel', 'argmax', 'rollout')
 
 
