@@ -484,6 +484,14 @@ def test_unusable_flag_values_are_one_line(flag, value):
     assert '\n' not in message and message.startswith(flag) and str(value) in message, message
 
 
+def test_the_lambdas_default_per_task_and_a_given_value_stays():
+    """Eq. 9 as written for class-to-image, CE alone for text-to-image (train.DEFAULT_LAMBDAS); a flag overrides."""
+    lambdas = lambda *argv: (lambda a: (a.lambda_sen, a.lambda_cap))(train.get_args(['--data', 'shapes', *argv]))
+    assert lambdas() == (1.0, 1.0) and lambdas('--t2i') == (0.0, 0.0)
+    assert lambdas('--t2i', '--lambda_sen', '0.5') == (0.5, 0.0)
+    assert lambdas('--lambda_cap', '0') == (1.0, 0.0)
+
+
 def test_default_workers_share_the_cores(monkeypatch):
     """Enough DataLoader workers to feed a GPU (one decodes ~130 JPEGs/s at 256 px: tools.bench dataloader), shared
     among the processes torchrun starts on the machine, at most 8 each; an explicit value stays."""
