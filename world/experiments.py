@@ -552,7 +552,9 @@ def evaluated(args, name: str, seed: int) -> bool:
 
 def estimate_seconds(args, name: str, autocast: str) -> float:
     flags = RUNS[name]
-    ce_only = '--lambda_sen' in flags and '--lambda_cap' in flags
+    given = lambda flag: flags[flags.index(flag) + 1] if flag in flags else None
+    task_default = '0' if '--t2i' in flags else '1'  # train.DEFAULT_LAMBDAS
+    ce_only = all(float(given(flag) or task_default) == 0 for flag in ('--lambda_sen', '--lambda_cap'))
     step = STEP_S[autocast]['ce' if ce_only else 'semantic'] * args.batch_size / 16
     images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
     return START_S + args.steps * step + images * EVAL_S_PER_IMAGE[autocast]
