@@ -38,16 +38,11 @@ from ddp import (Process, check_stop, claim_out_dir, end_process, reduce_mean, r
                  stop_on_interrupt, watch_loss)
 from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
-from mvp import (CONFIG_FILE, MVP, build_run, check_same_architecture, generate_images, init_text_projection,
-                 load_checkpoint, load_trained, save_prompt, write_config)
+from mvp import (CONFIG_FILE, DEFAULT_LAMBDAS, MVP, build_run, check_same_architecture, first_scale_fixed,
+                 generate_images, init_text_projection, load_checkpoint, load_trained, save_prompt, write_config)
 from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, save_grid
 from runlog import log_step, plot_losses, start_log
 from update import BALANCES, optimizer_step, warmup_cosine_lr
-
-
-# Eq. 9's lambdas (sentence, caption) unless given, per task: what the shapes world's balance study favours on its
-# judge (docs/semantic_loss.md). Eq. 9 as written is (1, 1); in text-to-image it lost to CE alone there.
-DEFAULT_LAMBDAS = {'class-to-image': (1.0, 1.0), 'text-to-image': (0.0, 0.0)}
 
 
 def get_args(argv=None):
@@ -244,8 +239,6 @@ def run(args, proc: Process, dtype, ckpt, resume_path, dataset, steps_per_epoch:
     chunk = args.semantic_chunk if args.semantic_chunk is not None else (1 if vae.image_size >= 256 else 0)
     semantic = SemanticLoss(clip, vae, args.beta, args.lambda_sen, args.lambda_cap, args.soft_temperature,
                             args.tokens, chunk) if semantic_on else None
-    # MVP without a first-scale prompt, class-to-image: nothing trainable acts on the first scale's prediction
-    first_scale_fixed = args.prompt == 'mvp' and args.first_scale == 'off' and not args.t2i
     if args.compile:  # the gradient record and --balance take several backwards through one compiled graph, which
         torch._functorch.config.donated_buffer = False  # a compiled backward refuses while it donates its buffers
     trainable = list(parts.parameters())
@@ -254,7 +247,7 @@ def run(args, proc: Process, dtype, ckpt, resume_path, dataset, steps_per_epoch:
     step = restore(ckpt, resume_path, parts, optimizer, scaler, proc, args) if ckpt is not None else 0
     tuned = torch.nn.parallel.DistributedDataParallel(
         parts, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None) if proc.ddp else parts
-    model = MVP(vae, var, tuned, clip, semantic, args.cond_drop, first_scale_fixed, dtype, args.compile)
+    model = MVP(vae, var, tuned, clip, semantic, args.cond_drop, first_scale_fixed(vars(args)), dtype, args.compile)
     no_sync = tuned.no_sync if proc.ddp and args.balance != 'sum' else nullcontext
     run_config, log_path = start_run(args, parts, var, dataset, proc, dtype, step)
     save = lambda path, at_step: save_checkpoint(path, at_step, run_config, parts, optimizer, scaler, proc)

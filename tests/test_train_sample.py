@@ -485,7 +485,7 @@ def test_unusable_flag_values_are_one_line(flag, value):
 
 
 def test_the_lambdas_default_per_task_and_a_given_value_stays():
-    """Eq. 9 as written for class-to-image, CE alone for text-to-image (train.DEFAULT_LAMBDAS); a flag overrides."""
+    """Eq. 9 as written for class-to-image, CE alone for text-to-image (mvp.DEFAULT_LAMBDAS); a flag overrides."""
     lambdas = lambda *argv: (lambda a: (a.lambda_sen, a.lambda_cap))(train.get_args(['--data', 'shapes', *argv]))
     assert lambdas() == (1.0, 1.0) and lambdas('--t2i') == (0.0, 0.0)
     assert lambdas('--t2i', '--lambda_sen', '0.5') == (0.5, 0.0)

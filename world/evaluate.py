@@ -29,7 +29,8 @@ from clip_loss import SemanticLoss, contrastive_loss, inter_anchor
 from data import FolderDataset, build_dataset, collate
 from device import DTYPES, set_conv_layout
 from fid import ClipFeatures, clip_score, feature_statistics, frechet_distance, inception_score, precision_recall
-from mvp import MVP, build_run, check_sampling, generate_images, init_text_projection, load_run, read_run
+from mvp import (MVP, build_run, check_sampling, first_scale_fixed, generate_images, init_text_projection, load_run,
+                 read_run)
 from pretrained import check_writable, load_backbone, save_grid, to_uint8, write_json
 from update import norm_of, term_gradients
 from world import shapes
@@ -174,7 +175,6 @@ def semantic_signal(run: str, batches: int = 3, batch_size: int = 16, seed: int 
     order = np.random.default_rng(seed).permutation(len(dataset))[:batches * batch_size]
     class_texts = clip.encode_text([shapes.sentence(c) for c in range(var.num_classes)])
     one_hot = lambda idx_BL: F.one_hot(idx_BL, vae.vocab_size).float() * 1e4  # logits whose softmax is exactly one-hot
-    first_scale_fixed = config['prompt'] == 'mvp' and config['first_scale'] == 'off' and not config['t2i']
     rows = {}
     for b in range(batches):
         images, labels, sentences, captions = collate([dataset[int(i)] for i in order[b::batches]])
@@ -192,7 +192,7 @@ def semantic_signal(run: str, batches: int = 3, batch_size: int = 16, seed: int 
                 row.setdefault('named', []).append(((feats @ class_texts.T).argmax(1) == labels).float().mean().item())
         for name, tokens, temperature in PATHS:
             semantic = SemanticLoss(clip, vae, config['beta'], 1.0, 1.0, temperature, tokens)
-            model = MVP(vae, var, parts, clip, semantic, config['cond_drop'], first_scale_fixed)
+            model = MVP(vae, var, parts, clip, semantic, config['cond_drop'], first_scale_fixed(config))
             torch.manual_seed(seed + b)  # the condition drop and the Gumbel draws
             _, losses = model(idx, labels, sentences, captions)
             grads = term_gradients(losses, params)

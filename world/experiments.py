@@ -37,6 +37,7 @@ import threading
 import time
 
 from device import parse_device
+from mvp import DEFAULT_LAMBDAS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's
 
@@ -553,8 +554,9 @@ def evaluated(args, name: str, seed: int) -> bool:
 def estimate_seconds(args, name: str, autocast: str) -> float:
     flags = RUNS[name]
     given = lambda flag: flags[flags.index(flag) + 1] if flag in flags else None
-    task_default = '0' if '--t2i' in flags else '1'  # train.DEFAULT_LAMBDAS
-    ce_only = all(float(given(flag) or task_default) == 0 for flag in ('--lambda_sen', '--lambda_cap'))
+    defaults = DEFAULT_LAMBDAS['text-to-image' if '--t2i' in flags else 'class-to-image']
+    ce_only = all((default if given(flag) is None else float(given(flag))) == 0
+                  for flag, default in zip(('--lambda_sen', '--lambda_cap'), defaults))
     step = STEP_S[autocast]['ce' if ce_only else 'semantic'] * args.batch_size / 16
     images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
     return START_S + args.steps * step + images * EVAL_S_PER_IMAGE[autocast]
