@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TEXT_CHUNK = 32  # texts go through the text tower this many at a time (FrozenClip.encode_text)
 TEXT_CACHE_SIZE = 200_000  # text features kept: bounded, since a dataset's captions may not fit in memory
 
 
@@ -58,18 +57,15 @@ class FrozenClip(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:  # (B, D), unit norm, cached per string
-        """A text's features are a function of the text alone: fp32 whatever the autocast around, in chunks of exactly
-        TEXT_CHUNK texts (padded), since a matrix kernel's rounding can depend on the batch it runs in. So a resumed
-        run computes the same features as an uninterrupted one, and the cache (oldest out past TEXT_CACHE_SIZE) only
-        saves time."""
-        missing = sorted({t for t in texts if t not in self.text_cache})
+        """A text's features are a function of the text alone: fp32 whatever the autocast around, and one text at a
+        time, since a matrix kernel's rounding can depend on a row's place in its batch (the last rows of a batch
+        round differently on AVX2 CPUs). So a resumed run computes the same features as an uninterrupted one, and the
+        cache (oldest out past TEXT_CACHE_SIZE) only saves time."""
         device = self.mean.device
         with torch.autocast(device.type, enabled=False):
-            for begin in range(0, len(missing), TEXT_CHUNK):
-                chunk = missing[begin:begin + TEXT_CHUNK]
-                tokens = self.tokenizer(chunk + [''] * (TEXT_CHUNK - len(chunk))).to(device)
-                feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[:len(chunk)]  # (n, D)
-                self.text_cache.update(zip(chunk, feats))
+            for text in dict.fromkeys(t for t in texts if t not in self.text_cache):
+                tokens = self.tokenizer([text]).to(device)
+                self.text_cache[text] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]  # (D,)
         feats_BD = torch.stack([self.text_cache[t] for t in texts])
         excess = len(self.text_cache) - TEXT_CACHE_SIZE
         for oldest in list(itertools.islice(self.text_cache, max(0, excess))):  # a dict keeps insertion order
