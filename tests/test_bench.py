@@ -223,3 +223,12 @@ def test_mfu_counts_the_vars_matrix_work():
     assert bench.mfu(raw, 16, 'NVIDIA H100 80GB HBM3') == pytest.approx(4 * 1000 * 680 * 16 / 0.5 / 989e12)
     assert bench.mfu({**raw, 'trainable': 1000}, 16, 'NVIDIA H100') == pytest.approx(6 * 1000 * 680 * 16 / 0.5 / 989e12)
     assert bench.mfu(raw, 16, 'cpu (dry run)') is None
+
+
+def test_calibration_times_the_models_calibration_md_names(monkeypatch, capsys):
+    """shared/calibration.md's figures are only comparable if this is its model: the same parameter counts."""
+    out = run_main(monkeypatch, capsys, ['calibration', '--sizes', '4x128x1,6x192x1', '--repeats', '1', '--threads', '1'])
+    rows = table_rows(out)
+    assert rows['depth 4, width 128'][:2] == ['1.37M', '1']
+    assert rows['depth 6, width 192'][:2] == ['4.30M', '1']
+    assert float(rows['depth 4, width 128'][2]) > 0

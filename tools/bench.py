@@ -1112,6 +1112,55 @@ def device(args) -> Optional[List[dict]]:
 
 
 # -----------------------------------------------------------------------------
+# calibration: shared/calibration.md's step, to place this machine against the slowest CPU kind here
+
+CALIBRATION_SIZES = ((4, 128, 128), (6, 192, 128))  # (depth, width, batch), as calibration.md's table
+
+
+def calibration_args(parser):
+    parser.add_argument('--sizes', default='4x128x128,6x192x128', help='depth x width x batch, comma-separated')
+    parser.set_defaults(threads=2, repeats=3)
+
+
+@benchmark(add_args=calibration_args)
+def calibration(args) -> List[dict]:
+    """One fp32 AdamW step of a VAR on random tokens at scales 1-8, as shared/calibration.md measures it."""
+    device = torch.device(args.device)
+    sync = synchronizer(device)
+    patch_nums = (1, 2, 3, 4, 6, 8)
+    print(f'calibration: fp32, vocab 1024, Cvae 16, 10 classes, scales {patch_nums}, random tokens; '
+          f'CPU kernels {torch.backends.cpu.get_cpu_capability()}; the minimum of {args.repeats} steps after a warm-up')
+    rows = []
+    for size in args.sizes.split(','):
+        depth, width, batch = (int(v) for v in size.split('x'))
+        torch.manual_seed(args.seed)
+        var = VAR(vocab_size=1024, z_channels=16, depth=depth, width=width, num_classes=10,
+                  patch_nums=patch_nums).to(device).train()
+        opt = torch.optim.AdamW(var.parameters(), lr=1e-4)
+        labels = torch.randint(0, 10, (batch,), device=device)
+        x_BLCv = torch.randn(batch, var.L - var.first_l, 16, device=device)
+        target_BL = torch.randint(0, 1024, (batch, var.L), device=device)
+
+        def step() -> float:
+            sync()
+            t = time.perf_counter()
+            logits_BLV = var(var.class_condition(labels), x_BLCv)
+            F.cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            return time.perf_counter() - t
+
+        step()
+        seconds = min(step() for _ in range(args.repeats))
+        params = sum(p.numel() for p in var.parameters())
+        rows.append({'VAR': f'depth {depth}, width {width}', 'parameters': f'{params / 1e6:.2f}M', 'batch': batch,
+                     's/step': f'{seconds:.2f}', '3,000 steps': f'{3000 * seconds / 60:.0f} min'})
+    print(format_table(rows))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 
 
 def common_options() -> argparse.ArgumentParser:
