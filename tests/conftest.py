@@ -4,8 +4,12 @@ import hashlib
 import os
 import sys
 
-import pytest
-import torch
+# numpy's OpenBLAS spreads each small FD matrix product over every core, which beside the suite's other workers
+# oversubscribes the CPU; one thread, as torch's (one_thread). Set before numpy is first imported (torch imports it).
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
