@@ -8,6 +8,7 @@ its rows (a list of dicts, one per table row); `--out FILE` appends the table to
     python -m tools.bench training                       # one training step's time and peak memory: frozen VAR, MVP,
                                                    # MVP + semantic loss, prefilled prompt, LoRA, full fine-tuning
     python -m tools.bench scaling                        # sampling time vs the number of scales / final map side n
+    python -m tools.bench calibration                    # shared/calibration.md's step: this CPU against the slowest
 
 Adding a benchmark: write `def name(args) -> List[dict]`, decorate it with @benchmark (its docstring's first line
 is the help text); give it its own command-line options with @benchmark(add_args=fn), fn(parser) adding them
@@ -1114,11 +1115,9 @@ def device(args) -> Optional[List[dict]]:
 # -----------------------------------------------------------------------------
 # calibration: shared/calibration.md's step, to place this machine against the slowest CPU kind here
 
-CALIBRATION_SIZES = ((4, 128, 128), (6, 192, 128))  # (depth, width, batch), as calibration.md's table
-
-
 def calibration_args(parser):
-    parser.add_argument('--sizes', default='4x128x128,6x192x128', help='depth x width x batch, comma-separated')
+    parser.add_argument('--sizes', default='4x128x128,6x192x128',
+                        help='depth x width x batch, comma-separated (default: calibration.md\'s rows)')
     parser.set_defaults(threads=2, repeats=3)
 
 
