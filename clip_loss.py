@@ -100,7 +100,8 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, texts:
 # 'argmax', the most likely entry forward, the soft gradient backward; 'rollout', free running: the VAR draws each
 # scale (straight-through Gumbel) from the scales it drew itself, as the sampler does (rollout_token_maps), instead
 # of reading the teacher-forced logits, whose every scale sees the image's own coarser tokens. docs/semantic_loss.md
-# measures each path's signal.
+# measures each: in text-to-image only the rollout judges a caption the prompts could have drawn, since a
+# teacher-forced first scale is the text's blend over the codebook, not an image.
 TOKENS = ('soft', 'gumbel', 'argmax', 'rollout')
 
 
