@@ -22,6 +22,16 @@ TINY_CLIP_CFG = dict(embed_dim=32,
                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: far longer than the other tests: collected first (below)')
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: pytest -n --dist worksteal then starts one at once on the first worker while the others
+    share the rest, instead of a worker starting it last while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # a stable sort: the rest keep their order
+
+
 @pytest.fixture(scope='session', autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is as fast, and does not collapse when other jobs share the CPU cores."""

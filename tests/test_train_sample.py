@@ -892,6 +892,7 @@ def test_folder_without_prompt_file_is_one_line(tmp_path):
         mvp.load_run(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_step_at_the_released_size(tmp_path):
     """The full-size path end to end, without a download: VAR-d16 and the released VQVAE in their released layout with
     random weights (--backbone released-random), ViT-B-16 CLIP with random weights, 256 px JPEGs through the folder
