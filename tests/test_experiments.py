@@ -201,4 +201,4 @@ def test_the_paths_table_runs_every_token_path_on_the_shapes_world(tmp_path):
     trains = {name: experiments.commands(args, name, 0)[0] for name in args.run_list}
     assert all(cmd[cmd.index('--data') + 1] == 'shapes' for cmd in trains.values())
     drawn = {cmd[cmd.index('--tokens') + 1] for cmd in trains.values() if '--tokens' in cmd}
-    assert drawn | {'soft'} == set(TOKENS) and len(trains) == 14
+    assert drawn | {'soft'} == set(TOKENS) and len(trains) == 16

@@ -92,6 +92,9 @@ RUNS = {
     't2i_tok_gumbel': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'gumbel'],
     't2i_tok_argmax': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'argmax'],
     't2i_tok_rollout': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'rollout'],
+    # added after the first two seeds: the rollout taught the texture and cost the shape at Eq. 9's lambdas
+    'tok_rollout_l0.1': ['--tokens', 'rollout', '--lambda_sen', '0.1', '--lambda_cap', '0.1'],
+    't2i_tok_rollout_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1', '--tokens', 'rollout'],
     # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
     'x_mvp': ['--data', '{domain}'],
     'x_lora': ['--data', '{domain}', '--prompt', 'lora'],
@@ -240,7 +243,9 @@ PATH_ROWS = [('CE only', 'sem_none', 't2i_sem_none'), ('soft, T = 1 (default)', 
     (label, run, 't2i_' + run) for label, run in (('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 2', 'tok_soft2'),
                                                   ('straight-through Gumbel', 'tok_gumbel'),
                                                   ('straight-through argmax', 'tok_argmax'),
-                                                  ('free-running rollout', 'tok_rollout'))]
+                                                  ('free-running rollout', 'tok_rollout'),
+                                                  ('free-running rollout, lambdas 0.1 (added after two seeds)',
+                                                   'tok_rollout_l0.1'))]
 PATH_PAPER = ('No method given: the paper does not say how I_sen and I_cap are made differentiable. Each path is '
               'judged against CE alone on the judge (FD_judge, the class or the caption attributes it reads); '
               'FD_clip, the training CLIP\'s own space, is shown and never used to choose.')
@@ -253,9 +258,11 @@ TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
 # for the time estimate: seconds per training step at batch 16 and per evaluated image (world.evaluate's wall time),
 # two runs at a time at one torch thread each, on a 2-core CPU with bf16 units (train.py's --dtype auto: bf16
-# autocast), from the grid's first runs on the shipped backbone; the fp32 row takes the fp32 / bf16 ratio the
-# previous world's grid measured on the two machine kinds (2.0), an estimate until a grid runs there
-STEP_S = {'bfloat16': {'semantic': 1.0, 'ce': 0.5}, 'float32': {'semantic': 2.0, 'ce': 1.0}}
+# autocast), from the grid's first runs on the shipped backbone (the rollout, which samples every scale, from the
+# path study's); the fp32 row takes the fp32 / bf16 ratio the previous world's grid measured on the two machine
+# kinds (2.0), an estimate until a grid runs there
+STEP_S = {'bfloat16': {'semantic': 1.0, 'ce': 0.5, 'rollout': 2.7},
+          'float32': {'semantic': 2.0, 'ce': 1.0, 'rollout': 5.4}}
 EVAL_S_PER_IMAGE = {'bfloat16': 0.05, 'float32': 0.1}
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
@@ -557,7 +564,8 @@ def estimate_seconds(args, name: str, autocast: str) -> float:
     defaults = DEFAULT_LAMBDAS['text-to-image' if '--t2i' in flags else 'class-to-image']
     ce_only = all((default if given(flag) is None else float(given(flag))) == 0
                   for flag, default in zip(('--lambda_sen', '--lambda_cap'), defaults))
-    step = STEP_S[autocast]['ce' if ce_only else 'semantic'] * args.batch_size / 16
+    kind = 'ce' if ce_only else 'rollout' if given('--tokens') == 'rollout' else 'semantic'
+    step = STEP_S[autocast][kind] * args.batch_size / 16
     images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
     return START_S + args.steps * step + images * EVAL_S_PER_IMAGE[autocast]
 
