@@ -903,8 +903,9 @@ def test_a_step_at_the_released_size(tmp_path):
     from safetensors.torch import load_file
     bench.synthetic_jpegs(str(tmp_path / 'data'), 4, 300, 280)
     result = run_cli(['train.py', '--backbone', 'released-random', '--depth', 16, '--data', tmp_path / 'data',
-                      '--clip_pretrained', 'none', '--lambda_sen', 0, '--batch_size', 2, '--max_steps', 1, '--log_every', 1,
-                      '--sample_every', 0, '--num_workers', 1, '--device', 'cpu', '--out_dir', tmp_path / 'run'],
+                      '--clip_pretrained', 'none', '--lambda_sen', 0, '--batch_size', 2, '--max_steps', 1,
+                      '--log_every', 1, '--sample_every', 0, '--num_workers', 1, '--device', 'cpu',
+                      '--out_dir', tmp_path / 'run'],
                      timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / 'run' / 'log.jsonl') as f:
