@@ -112,6 +112,10 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert '2 runs (settings x seeds): 0 run now, 2 found done by the same commands (in ' in report
     assert 'by an earlier session), 0 failed, 0 not run yet' in report
     assert table_rows(report, 'Table 1')[1]['VAR + MVP'][4] == '1,536'
+    # a run folder that other backbone files made does not hide this backbone's record of the run
+    experiments.write_json(os.path.join(out, 'mvp', 'seed0', 'run.json'), {**record, 'backbone': 'another'})
+    assert experiments.main([*argv, '--records', records, '--report_only']) == 0
+    assert re.fullmatch(r'[\d.]+ \[[\d.]+\]', table_rows(open(report_path).read(), 'Table 1')[1]['VAR + MVP'][0])
 
 
 def test_unknown_run_is_an_error(capsys):

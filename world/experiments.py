@@ -476,12 +476,13 @@ def copy_records(source: str, target: str):
 
 
 def restore_records(args, grid):
-    """Runs kept in --records and not finished in --out are copied there; run_one then finds them done if their
-    commands are the ones this grid would run."""
+    """Runs kept in --records and not finished in --out with this backbone are copied there (over a run that other
+    backbone files made); run_one then finds them done if their commands are the ones this grid would run."""
     for name, seed in grid:
-        out = run_dir(args, name, seed)
-        if not os.path.isfile(os.path.join(out, 'eval.json')):
-            copy_records(records_dir(args, name, seed), out)
+        out, kept = run_dir(args, name, seed), records_dir(args, name, seed)
+        finished_here = os.path.isfile(os.path.join(out, 'eval.json')) and read_record(args, out)
+        if not finished_here and read_record(args, kept):
+            copy_records(kept, out)
 
 
 def has_judge(folder: str) -> bool:
