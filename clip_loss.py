@@ -101,7 +101,7 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, texts:
 # scale (straight-through Gumbel) from the scales it drew itself, as the sampler does (rollout_token_maps), instead
 # of reading the teacher-forced logits, whose every scale sees the image's own coarser tokens. docs/semantic_loss.md
 # measures each: in text-to-image only the rollout judges a caption the prompts could have drawn, since a
-# teacher-forced first scale is the text's blend over the codebook, not an image.
+# teacher-forced first scale is the text's blend over the codebook, not an image; it is that task's default.
 TOKENS = ('soft', 'gumbel', 'argmax', 'rollout')
 
 
@@ -128,30 +128,15 @@ def soft_token_maps(logits_BLV: torch.Tensor, codebook_VC: torch.Tensor, patch_n
     return maps
 
 
-def rollout_token_maps(var_forward, var: nn.Module, quantizer: nn.Module, cond_BD: torch.Tensor,
-                       temperature: float = 1.0, prompt_1LC: Optional[torch.Tensor] = None,
-                       prefix_1PC: Optional[torch.Tensor] = None, draw: str = 'rollout') -> List[torch.Tensor]:
-    """The VAR's own maps R_1..R_K, free running and differentiable: scale k is drawn (straight-through Gumbel; draw
-    'argmax': the most likely entries) from logits conditioned on the maps drawn at scales 1..k-1, which enter the
-    next scale's input as in sampling (f_hat accumulated, area-downsampled). One teacher-forcing forward per scale:
-    the block-causal mask keeps the zeros that stand in for the scales not drawn yet out of scale k's logits.
-    var_forward: the VAR to call (compiled, say)."""
-    B, K = cond_BD.shape[0], len(quantizer.patch_nums)
-    last = quantizer.patch_nums[-1]
-    f_hat = cond_BD.new_zeros(B, var.Cvae, last, last, dtype=torch.float32)
-    inputs, maps = [], []  # inputs: the drawn scales' next-scale inputs, (B, pn*pn, Cvae) each
-    for si, pn in enumerate(quantizer.patch_nums):
-        known = sum(x.shape[1] for x in inputs)
-        x_BLCv = torch.cat(inputs + [f_hat.new_zeros(B, var.L - var.first_l - known, var.Cvae)], dim=1)
-        begin, end = var.begin_ends[si]
-        logits_BlV = var_forward(cond_BD, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)[:, begin:end]
-        h_BlC = token_probs(logits_BlV, temperature, draw) @ quantizer.embedding.weight.float()
-        maps.append(h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn))
-        f_hat = f_hat + quantizer.upsample_and_phi(si, maps[-1])
-        if si < K - 1:
-            nxt = quantizer.patch_nums[si + 1]
-            inputs.append(F.interpolate(f_hat, size=(nxt, nxt), mode='area').flatten(2).transpose(1, 2))
-    return maps
+def rollout_token_maps(var: nn.Module, quantizer: nn.Module, cond_BD: torch.Tensor, temperature: float = 1.0,
+                       prompt_1LC: Optional[torch.Tensor] = None, prefix_1PC: Optional[torch.Tensor] = None,
+                       draw: str = 'rollout') -> List[torch.Tensor]:
+    """The VAR's own maps R_1..R_K, free running and differentiable (VAR.rollout): scale k is drawn (straight-through
+    Gumbel; draw 'argmax': the most likely entries) from logits conditioned on the maps drawn at scales 1..k-1, which
+    enter the next scale's input as in sampling (f_hat accumulated, area-downsampled)."""
+    codebook_VC = quantizer.embedding.weight.float()
+    return var.rollout(quantizer, cond_BD, lambda logits_BlV: token_probs(logits_BlV, temperature, draw) @ codebook_VC,
+                       prompt_1LC, prefix_1PC)
 
 
 def inter_anchor(beta: float, num_scales: int) -> int:

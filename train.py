@@ -38,8 +38,9 @@ from ddp import (Process, check_stop, claim_out_dir, end_process, reduce_mean, r
                  stop_on_interrupt, watch_loss)
 from device import DTYPES, auto_dtype, parse_device
 from frame_prompt import PLACEMENTS, FramePrompt
-from mvp import (CONFIG_FILE, DEFAULT_LAMBDAS, MVP, build_run, check_same_architecture, first_scale_fixed,
-                 generate_images, init_text_projection, load_checkpoint, load_trained, save_prompt, write_config)
+from mvp import (CONFIG_FILE, DEFAULT_LAMBDAS, DEFAULT_TOKENS, MVP, build_run, check_same_architecture,
+                 first_scale_fixed, generate_images, init_text_projection, load_checkpoint, load_trained, save_prompt,
+                 write_config)
 from pretrained import DEFAULT_CLIP, atomic_save, backbone_spec, check_creatable, save_grid
 from runlog import log_step, plot_losses, start_log
 from update import BALANCES, optimizer_step, warmup_cosine_lr
@@ -69,12 +70,13 @@ def get_args(argv=None):
     g = p.add_argument_group('semantic loss')
     g.add_argument('--beta', type=float, default=0.6, help='kappa = floor(beta * K): the scale of I_sen')
     g.add_argument('--lambda_sen', type=float, default=None, help='weight of the sentence loss (0: off); default: '
-                   'the task\'s (DEFAULT_LAMBDAS: 1 for class-to-image, 0 for text-to-image)')
+                   'the task\'s (DEFAULT_LAMBDAS: 1 for class-to-image, 0.1 for text-to-image)')
     g.add_argument('--lambda_cap', type=float, default=None, help='weight of the caption loss (0: off); default: '
                    'the task\'s (DEFAULT_LAMBDAS)')
     g.add_argument('--soft_temperature', type=float, default=1.0, help='softmax temperature of the soft tokens')
-    g.add_argument('--tokens', default='soft', choices=TOKENS, help='how I_sen and I_cap\'s token maps are made '
-                   'differentiable: soft, straight-through gumbel or argmax, or a free-running rollout (clip_loss.py)')
+    g.add_argument('--tokens', default=None, choices=TOKENS, help='how I_sen and I_cap\'s token maps are made '
+                   'differentiable: soft, straight-through gumbel or argmax, or a free-running rollout (clip_loss.py); '
+                   'default: the task\'s (DEFAULT_TOKENS: soft for class-to-image, rollout for text-to-image)')
     g.add_argument('--balance', default='sum', choices=BALANCES,
                    help='how the losses\' gradients make an update: sum (Eq. 9, one clip on the total), clip_each (each '
                         'loss\'s gradient clipped to --grad_clip on its own) or normalize (each CLIP level\'s gradient '
@@ -122,9 +124,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.first_scale == 'auto':
         args.first_scale = 'on' if args.t2i else 'off'
-    task_lambdas = DEFAULT_LAMBDAS['text-to-image' if args.t2i else 'class-to-image']
-    args.lambda_sen = task_lambdas[0] if args.lambda_sen is None else args.lambda_sen
-    args.lambda_cap = task_lambdas[1] if args.lambda_cap is None else args.lambda_cap
+    task = 'text-to-image' if args.t2i else 'class-to-image'
+    args.lambda_sen = DEFAULT_LAMBDAS[task][0] if args.lambda_sen is None else args.lambda_sen
+    args.lambda_cap = DEFAULT_LAMBDAS[task][1] if args.lambda_cap is None else args.lambda_cap
+    args.tokens = args.tokens or DEFAULT_TOKENS[task]
     if args.num_workers is None:
         args.num_workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     check_args(args)

@@ -17,7 +17,7 @@ With neither, this is the untouched VAR, and the parameter names are the
 released checkpoints' (`var_d16.pth` ... `var_d36.pth`), which load strict.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -258,6 +258,42 @@ class VAR(nn.Module):
         bias[:, :P] = 0.0
         bias[P:, P:] = self.attn_bias_for_masking[0, 0, :l, :l]
         return torch.cat((prefix_1PC.expand(B, -1, -1).to(x_BlC.dtype), x_BlC), dim=1), bias.view(1, 1, P + l, P + l)
+
+    def rollout(self, quantizer: nn.Module, cond_BD: torch.Tensor, draw: Callable[[torch.Tensor], torch.Tensor],
+                prompt_1LC: Optional[torch.Tensor] = None, prefix_1PC: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Free running with gradients: the maps the VAR draws itself, scale by scale through the KV cache as
+        generate() samples (no guidance), so scale k sees only the maps drawn at 1..k-1; one pass over the sequence,
+        the cost of a teacher-forced forward. draw: logits (B, l, V) -> the drawn map's codebook vectors (B, l, Cvae),
+        differentiable (clip_loss.rollout_token_maps). Returns the K maps, (B, Cvae, pn, pn) each."""
+        B = cond_BD.shape[0]
+        with torch.autocast(device_type=cond_BD.device.type, enabled=False):  # embeddings in fp32, as in forward()
+            lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+            if prompt_1LC is not None:  # MVP (Eq. 6): every scale's input tokens get their prompt map F_t
+                lvl_pos_1LC = lvl_pos_1LC + prompt_1LC
+            next_input = cond_BD.float().unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start \
+                + lvl_pos_1LC[:, :self.first_l]
+        ada = self.shared_ada(cond_BD)
+        f_hat = cond_BD.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1], dtype=torch.float32)
+        maps = []
+        for block in self.blocks:
+            block.attn.kv_cache = ()
+        try:
+            for si, pn in enumerate(self.patch_nums):
+                x, attn_bias = next_input, None  # the cache holds every coarser scale's keys and values
+                if prefix_1PC is not None and si == 0:  # prefilled baseline: the prefix enters the cache once
+                    x, attn_bias = self.prepend_prefix(x, prefix_1PC)
+                for block in self.blocks:
+                    x = block(x, ada, attn_bias)
+                maps.append(draw(self.logits(x[:, -pn * pn:], cond_BD)).transpose(1, 2).reshape(B, self.Cvae, pn, pn))
+                f_hat, next_map = quantizer.next_autoregressive_input(si, f_hat, maps[-1])
+                if si < len(self.patch_nums) - 1:
+                    begin, end = self.begin_ends[si + 1]
+                    with torch.autocast(device_type=cond_BD.device.type, enabled=False):
+                        next_input = self.word_embed(next_map.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, begin:end]
+        finally:
+            for block in self.blocks:
+                block.attn.kv_cache = None
+        return maps
 
     @torch.no_grad()
     def generate(self, vqvae: VQVAE, cond_BD: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,

@@ -8,7 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clip_loss import TOKENS, SemanticLoss, rollout_token_maps  # noqa: E402
+from baselines import PrefilledPrompt  # noqa: E402
+from clip_loss import TOKENS, SemanticLoss, rollout_token_maps, token_probs  # noqa: E402
 from frame_prompt import FramePrompt  # noqa: E402
 from mvp import MVP, TunedParts  # noqa: E402
 from update import optimizer_step  # noqa: E402
@@ -144,12 +145,57 @@ def test_the_rollout_draws_each_scale_from_its_own_tokens_as_the_sampler_does(ti
         prompt.tokens.normal_(0, 0.5)
     cond = tiny_var.class_emb(torch.tensor([0, 1, 2]))
     with torch.no_grad():
-        maps = rollout_token_maps(tiny_var, tiny_var, tiny_vae.quantize, cond, prompt_1LC=prompt(), draw='argmax')
+        maps = rollout_token_maps(tiny_var, tiny_vae.quantize, cond, prompt_1LC=prompt(), draw='argmax')
         greedy = tiny_var.generate(tiny_vae, cond, cfg=0.0, top_k=1, prompt_1LC=prompt())
     codebook = tiny_vae.quantize.embedding.weight
     for si, pn in enumerate(tiny_var.patch_nums):
         expected = codebook[greedy[si]].transpose(1, 2).reshape(3, tiny_var.Cvae, pn, pn)
         torch.testing.assert_close(maps[si], expected)
+
+
+def recomputed_rollout(var, quantizer, cond_BD, prompt_1LC=None, prefix_1PC=None):
+    """The rollout by its definition, without the KV cache: one teacher-forced forward per scale, zeros standing in
+    for the scales not drawn yet (the block-causal mask keeps them out of scale k's logits)."""
+    B, last = cond_BD.shape[0], quantizer.patch_nums[-1]
+    f_hat = cond_BD.new_zeros(B, var.Cvae, last, last)
+    inputs, maps = [], []
+    for si, pn in enumerate(quantizer.patch_nums):
+        known = sum(x.shape[1] for x in inputs)
+        x_BLCv = torch.cat(inputs + [f_hat.new_zeros(B, var.L - var.first_l - known, var.Cvae)], dim=1)
+        begin, end = var.begin_ends[si]
+        logits_BlV = var(cond_BD, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)[:, begin:end]
+        h_BlC = token_probs(logits_BlV, 1.0, 'rollout') @ quantizer.embedding.weight
+        maps.append(h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn))
+        f_hat, next_map = quantizer.next_autoregressive_input(si, f_hat, maps[-1])
+        inputs.append(next_map.flatten(2).transpose(1, 2))
+    return maps
+
+
+@pytest.mark.parametrize('tuned', ['frame prompt', 'prefilled prompt'])
+def test_the_kv_cached_rollout_is_the_rollout_by_its_definition(tiny_vae, tiny_var, tuned):
+    """The same draws (same Gumbel noise) and the same gradient at what trains as one teacher-forced forward per
+    scale."""
+    torch.manual_seed(0)
+    trained = FramePrompt(tiny_var.patch_nums, tiny_var.width, 20) if tuned == 'frame prompt' else \
+        PrefilledPrompt(5, tiny_var.width)
+    with torch.no_grad():
+        trained.tokens.normal_(0, 0.5)
+    name = 'prompt_1LC' if tuned == 'frame prompt' else 'prefix_1PC'
+    cond = tiny_var.class_emb(torch.tensor([0, 1, 2])).detach()
+    weights = [torch.randn(3, tiny_var.Cvae, pn, pn) for pn in tiny_var.patch_nums]
+    found = []
+    for rollout in (lambda: rollout_token_maps(tiny_var, tiny_vae.quantize, cond, **{name: trained()}),
+                    lambda: recomputed_rollout(tiny_var, tiny_vae.quantize, cond, **{name: trained()})):
+        trained.zero_grad()
+        torch.manual_seed(1)
+        maps = rollout()
+        sum((m * w).sum() for m, w in zip(maps, weights)).backward()
+        found.append((maps, trained.tokens.grad.clone()))
+    (cached, cached_grad), (recomputed, recomputed_grad) = found
+    for a, b in zip(cached, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert cached_grad.abs().sum() > 0
+    torch.testing.assert_close(cached_grad, recomputed_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_the_rollouts_semantic_loss_never_reads_the_images_tokens(tiny_vae, tiny_var, tiny_clip):

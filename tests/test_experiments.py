@@ -206,3 +206,7 @@ def test_the_paths_table_runs_every_token_path_on_the_shapes_world(tmp_path):
     assert all(cmd[cmd.index('--data') + 1] == 'shapes' for cmd in trains.values())
     drawn = {cmd[cmd.index('--tokens') + 1] for cmd in trains.values() if '--tokens' in cmd}
     assert drawn | {'soft'} == set(TOKENS) and len(trains) == 16
+    for name, cmd in trains.items():  # text-to-image's default changed once: its rows must not lean on it
+        if '--t2i' in cmd:
+            assert '--lambda_sen' in cmd and '--lambda_cap' in cmd, name
+            assert '--tokens' in cmd or cmd[cmd.index('--lambda_sen') + 1] == cmd[cmd.index('--lambda_cap') + 1] == '0', name

@@ -220,6 +220,7 @@ def test_t2i_checkpoint(t2i_run):
     assert clip is not None
     rows = read_log(t2i_run)
     assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['loss']) for r in rows)
+    assert cfg['tokens'] == 'rollout' and all(r['sen'] > 0 and r['cap'] > 0 for r in rows)  # the task's default loss
 
 
 def test_t2i_sample(t2i_run, tmp_path):
@@ -484,12 +485,13 @@ def test_unusable_flag_values_are_one_line(flag, value):
     assert '\n' not in message and message.startswith(flag) and str(value) in message, message
 
 
-def test_the_lambdas_default_per_task_and_a_given_value_stays():
-    """Eq. 9 as written for class-to-image, CE alone for text-to-image (mvp.DEFAULT_LAMBDAS); a flag overrides."""
-    lambdas = lambda *argv: (lambda a: (a.lambda_sen, a.lambda_cap))(train.get_args(['--data', 'shapes', *argv]))
-    assert lambdas() == (1.0, 1.0) and lambdas('--t2i') == (0.0, 0.0)
-    assert lambdas('--t2i', '--lambda_sen', '0.5') == (0.5, 0.0)
-    assert lambdas('--lambda_cap', '0') == (1.0, 0.0)
+def test_the_semantic_loss_defaults_per_task_and_a_given_value_stays():
+    """Eq. 9 as written with soft tokens for class-to-image, the rollout at 0.1 for text-to-image (mvp.DEFAULT_LAMBDAS,
+    DEFAULT_TOKENS); a flag overrides."""
+    loss = lambda *argv: (lambda a: (a.lambda_sen, a.lambda_cap, a.tokens))(train.get_args(['--data', 'shapes', *argv]))
+    assert loss() == (1.0, 1.0, 'soft') and loss('--t2i') == (0.1, 0.1, 'rollout')
+    assert loss('--t2i', '--lambda_sen', '0.5', '--tokens', 'soft') == (0.5, 0.1, 'soft')
+    assert loss('--lambda_cap', '0', '--tokens', 'gumbel') == (1.0, 0.0, 'gumbel')
 
 
 def test_default_workers_share_the_cores(monkeypatch):

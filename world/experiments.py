@@ -37,13 +37,14 @@ import threading
 import time
 
 from device import parse_device
-from mvp import DEFAULT_LAMBDAS
+from mvp import DEFAULT_LAMBDAS, DEFAULT_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's
 
 # -----------------------------------------------------------------------------
 # the grid: every run is MVP's default (frame prompts, tau 20, first scale off for class-to-image / on for
-# text-to-image, CE + both semantic losses) with these train.py flags changed; {seed} is the run's seed
+# text-to-image, the task's semantic loss: mvp.DEFAULT_LAMBDAS, DEFAULT_TOKENS) with these train.py flags changed;
+# {seed} is the run's seed. The text-to-image rows that study the loss name each of its flags: that default changed.
 
 RUNS = {
     'mvp': [],
@@ -64,9 +65,9 @@ RUNS = {
     't2i_full': ['--t2i', '--prompt', 'full'],
     't2i_first_off': ['--t2i', '--first_scale', 'off'],
     't2i_sem_none': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '0'],
-    't2i_sem_sentence': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '0'],
-    't2i_sem_caption': ['--t2i', '--lambda_sen', '0', '--lambda_cap', '1'],
-    't2i_eq9': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1'],  # Eq. 9 as written (the default: CE alone)
+    't2i_sem_sentence': ['--t2i', '--lambda_cap', '0'],
+    't2i_sem_caption': ['--t2i', '--lambda_sen', '0'],
+    't2i_eq9': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft'],  # Eq. 9 as written
     # the balance of CE and the semantic loss (docs/running.md): smaller lambdas, and the other ways to combine them
     'bal_l0.001': ['--lambda_sen', '0.001', '--lambda_cap', '0.001'],
     'bal_l0.01': ['--lambda_sen', '0.01', '--lambda_cap', '0.01'],
@@ -74,25 +75,27 @@ RUNS = {
     'bal_norm0.1': ['--balance', 'normalize', '--semantic_ratio', '0.1'],
     'bal_norm1': ['--balance', 'normalize', '--semantic_ratio', '1'],
     'bal_clip_each': ['--balance', 'clip_each'],
-    't2i_bal_l0.001': ['--t2i', '--lambda_sen', '0.001', '--lambda_cap', '0.001'],
-    't2i_bal_l0.01': ['--t2i', '--lambda_sen', '0.01', '--lambda_cap', '0.01'],
-    't2i_bal_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1'],
-    't2i_bal_norm0.1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'normalize', '--semantic_ratio', '0.1'],
-    't2i_bal_norm1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'normalize', '--semantic_ratio', '1'],
-    't2i_bal_clip_each': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--balance', 'clip_each'],
-    # how I_sen and I_cap are made differentiable (clip_loss.TOKENS; soft tokens at T = 1 is the default), at Eq. 9's
-    # lambdas
+    't2i_bal_l0.001': ['--t2i', '--lambda_sen', '0.001', '--lambda_cap', '0.001', '--tokens', 'soft'],
+    't2i_bal_l0.01': ['--t2i', '--lambda_sen', '0.01', '--lambda_cap', '0.01', '--tokens', 'soft'],
+    't2i_bal_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1', '--tokens', 'soft'],
+    't2i_bal_norm0.1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft', '--balance', 'normalize',
+                        '--semantic_ratio', '0.1'],
+    't2i_bal_norm1': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft', '--balance', 'normalize',
+                      '--semantic_ratio', '1'],
+    't2i_bal_clip_each': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft', '--balance', 'clip_each'],
+    # how I_sen and I_cap are made differentiable (clip_loss.TOKENS), at Eq. 9's lambdas
     'tok_soft0.5': ['--soft_temperature', '0.5'],
     'tok_soft2': ['--soft_temperature', '2'],
     'tok_gumbel': ['--tokens', 'gumbel'],
     'tok_argmax': ['--tokens', 'argmax'],
     'tok_rollout': ['--tokens', 'rollout'],
-    't2i_tok_soft0.5': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--soft_temperature', '0.5'],
-    't2i_tok_soft2': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--soft_temperature', '2'],
+    't2i_tok_soft0.5': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft', '--soft_temperature', '0.5'],
+    't2i_tok_soft2': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'soft', '--soft_temperature', '2'],
     't2i_tok_gumbel': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'gumbel'],
     't2i_tok_argmax': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'argmax'],
     't2i_tok_rollout': ['--t2i', '--lambda_sen', '1', '--lambda_cap', '1', '--tokens', 'rollout'],
-    # added after the first two seeds: the rollout taught the texture and cost the shape at Eq. 9's lambdas
+    # added after the first two seeds: the rollout taught the texture and cost the shape at Eq. 9's lambdas; the
+    # text-to-image row is that task's default since its fresh seeds (docs/semantic_loss.md)
     'tok_rollout_l0.1': ['--tokens', 'rollout', '--lambda_sen', '0.1', '--lambda_cap', '0.1'],
     't2i_tok_rollout_l0.1': ['--t2i', '--lambda_sen', '0.1', '--lambda_cap', '0.1', '--tokens', 'rollout'],
     # Table 8's twin: the same three methods on the upside-down domain's image folder ({domain}: see domain_folder)
@@ -239,13 +242,13 @@ SECTIONS += study_sections(
     ('FD_judge', 'attribute_accuracy', 'texture_accuracy', 'FD_clip', 'clip_score', 'sen_over_ce', 'cap_over_ce',
      'clipped_pct', 'train_s'),
     ('FD_judge', 'class_accuracy', 'attribute_accuracy'))
-PATH_ROWS = [('CE only', 'sem_none', 't2i_sem_none'), ('soft, T = 1 (default)', 'mvp', 't2i_eq9')] + [
+PATH_ROWS = [('CE only', 'sem_none', 't2i_sem_none'), ('soft, T = 1 (class-to-image\'s default)', 'mvp', 't2i_eq9')] + [
     (label, run, 't2i_' + run) for label, run in (('soft, T = 0.5', 'tok_soft0.5'), ('soft, T = 2', 'tok_soft2'),
                                                   ('straight-through Gumbel', 'tok_gumbel'),
                                                   ('straight-through argmax', 'tok_argmax'),
                                                   ('free-running rollout', 'tok_rollout'),
-                                                  ('free-running rollout, lambdas 0.1 (added after two seeds)',
-                                                   'tok_rollout_l0.1'))]
+                                                  ('free-running rollout, lambdas 0.1 (added after two seeds; '
+                                                   'text-to-image\'s default)', 'tok_rollout_l0.1'))]
 PATH_PAPER = ('No method given: the paper does not say how I_sen and I_cap are made differentiable. Each path is '
               'judged against CE alone on the judge (FD_judge, the class or the caption attributes it reads); '
               'FD_clip, the training CLIP\'s own space, is shown and never used to choose.')
@@ -562,10 +565,10 @@ def evaluated(args, name: str, seed: int) -> bool:
 def estimate_seconds(args, name: str, autocast: str) -> float:
     flags = RUNS[name]
     given = lambda flag: flags[flags.index(flag) + 1] if flag in flags else None
-    defaults = DEFAULT_LAMBDAS['text-to-image' if '--t2i' in flags else 'class-to-image']
+    task = 'text-to-image' if '--t2i' in flags else 'class-to-image'
     ce_only = all((default if given(flag) is None else float(given(flag))) == 0
-                  for flag, default in zip(('--lambda_sen', '--lambda_cap'), defaults))
-    kind = 'ce' if ce_only else 'rollout' if given('--tokens') == 'rollout' else 'semantic'
+                  for flag, default in zip(('--lambda_sen', '--lambda_cap'), DEFAULT_LAMBDAS[task]))
+    kind = 'ce' if ce_only else 'rollout' if (given('--tokens') or DEFAULT_TOKENS[task]) == 'rollout' else 'semantic'
     step = STEP_S[autocast][kind] * args.batch_size / 16
     images = 2 * (args.n_texts if '--t2i' in flags else 10 * args.per_class)  # "before" and "after"
     return START_S + args.steps * step + images * EVAL_S_PER_IMAGE[autocast]
@@ -705,7 +708,7 @@ def report(args, argv, status: dict, started: float) -> str:
         f'{args.lr_full} for full fine-tuning; {args.warmup_steps} warm-up steps, then cosine decay), with MVP\'s '
         f'defaults unless the row says otherwise: frame prompts, tau 20, the first-scale prompt off for '
         f'class-to-image and on for text-to-image, the semantic loss at its default (beta 0.6; class-to-image: both '
-        f'lambdas 1, Eq. 9 as written; text-to-image: off, CE alone). LoRA and '
+        f'lambdas 1 on soft tokens, Eq. 9 as written; text-to-image: both 0.1 on the free-running rollout). LoRA and '
         f'full fine-tuning use the same loss and steps as MVP.',
         f'- Cells are mean ± sample std over the seeds ({", ".join(map(str, args.seed_list))}); a seed sets the '
         f'training run and the evaluation (its samples and its held-out reference images). In brackets: the '
