@@ -24,6 +24,7 @@ EXPECTED = {
     'MVP frame prompt, CE': ('10,240', '155'),
     'MVP frame prompt, CE + semantic': ('10,240', '155'),
     'MVP frame prompt, CE + semantic, one pass (no recompute)': ('10,240', '155'),
+    'MVP frame prompt, CE + semantic at 0.1 on the free-running rollout': ('10,240', '155'),
     'prefilled prompt, CE': ('10,240', '235'),
     'LoRA r8 on attn qkv + proj, CE': ('24,576', '155'),  # 4 blocks x 8 x (128 + 384 + 128 + 128)
     'full fine-tuning, CE': ('1,277,328', '155'),
