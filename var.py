@@ -273,6 +273,7 @@ class VAR(nn.Module):
             next_input = cond_BD.float().unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start \
                 + lvl_pos_1LC[:, :self.first_l]
         ada = self.shared_ada(cond_BD)
+        weights = [self.cast_frozen_matrices(block, cond_BD.device.type) for block in self.blocks]
         f_hat = cond_BD.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1], dtype=torch.float32)
         maps = []
         for block in self.blocks:
@@ -282,8 +283,8 @@ class VAR(nn.Module):
                 x, attn_bias = next_input, None  # the cache holds every coarser scale's keys and values
                 if prefix_1PC is not None and si == 0:  # prefilled baseline: the prefix enters the cache once
                     x, attn_bias = self.prepend_prefix(x, prefix_1PC)
-                for block in self.blocks:
-                    x = block(x, ada, attn_bias)
+                for block, block_weights in zip(self.blocks, weights):
+                    x = torch.func.functional_call(block, block_weights, (x, ada, attn_bias))
                 maps.append(draw(self.logits(x[:, -pn * pn:], cond_BD)).transpose(1, 2).reshape(B, self.Cvae, pn, pn))
                 f_hat, next_map = quantizer.next_autoregressive_input(si, f_hat, maps[-1])
                 if si < len(self.patch_nums) - 1:
@@ -294,6 +295,17 @@ class VAR(nn.Module):
             for block in self.blocks:
                 block.attn.kv_cache = None
         return maps
+
+    @staticmethod
+    def cast_frozen_matrices(module: nn.Module, device_type: str) -> dict:
+        """Under autocast, the module's frozen linear weights cast once to the autocast dtype (the values autocast
+        computes), to call it with at every scale: autocast keeps its cast only for weights that require grad, so
+        each scale would cast a frozen weight again and keep that copy for the backward. {} without autocast."""
+        if not torch.is_autocast_enabled(device_type):
+            return {}
+        dtype = torch.get_autocast_dtype(device_type)
+        return {name: p.to(dtype) for name, p in module.named_parameters()
+                if name.endswith('weight') and p.ndim == 2 and not p.requires_grad}
 
     @torch.no_grad()
     def generate(self, vqvae: VQVAE, cond_BD: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,

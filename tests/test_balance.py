@@ -198,6 +198,32 @@ def test_the_kv_cached_rollout_is_the_rollout_by_its_definition(tiny_vae, tiny_v
     torch.testing.assert_close(cached_grad, recomputed_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_rollout_casts_the_frozen_weights_once_to_the_same_values(tiny_vae, tiny_var, monkeypatch):
+    """Under bf16 autocast the rollout calls the blocks with their frozen weights cast once: the same draws and the
+    same gradient as autocast's own cast at every use."""
+    from var import VAR
+    prompt = FramePrompt(tiny_var.patch_nums, tiny_var.width, 20)
+    with torch.no_grad():
+        prompt.tokens.normal_(0, 0.5)
+    tiny_var.requires_grad_(False)
+    cond = tiny_var.class_emb(torch.tensor([0, 1, 2]))
+    assert len(VAR.cast_frozen_matrices(tiny_var.blocks[0], 'cpu')) == 0  # outside autocast: nothing to cast
+    found = []
+    for cast in (True, False):
+        if not cast:
+            monkeypatch.setattr(VAR, 'cast_frozen_matrices', staticmethod(lambda module, device_type: {}))
+        prompt.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            if cast:
+                assert len(VAR.cast_frozen_matrices(tiny_var.blocks[0], 'cpu')) == 5  # qkv, proj, fc1, fc2, ada_lin
+            maps = rollout_token_maps(tiny_var, tiny_vae.quantize, cond, prompt_1LC=prompt())
+        sum(m.float().sum() * (i + 1) for i, m in enumerate(maps)).backward()
+        found.append((maps, prompt.tokens.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(found[0][0], found[1][0]))
+    assert found[0][1].abs().sum() > 0 and torch.equal(found[0][1], found[1][1])
+
+
 def test_the_rollouts_semantic_loss_never_reads_the_images_tokens(tiny_vae, tiny_var, tiny_clip):
     """Two batches of other images with the same labels and seed: the same semantic losses free running, other
     ones teacher-forced."""
