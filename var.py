@@ -297,14 +297,16 @@ class VAR(nn.Module):
         return maps
 
     @staticmethod
-    def cast_frozen_matrices(module: nn.Module, device_type: str) -> dict:
-        """Under autocast, the module's frozen linear weights cast once to the autocast dtype (the values autocast
+    def cast_frozen_matrices(block: nn.Module, device_type: str) -> dict:
+        """Under autocast, the block's frozen linear weights cast once to the autocast dtype (the values autocast
         computes), to call it with at every scale: autocast keeps its cast only for weights that require grad, so
-        each scale would cast a frozen weight again and keep that copy for the backward. {} without autocast."""
-        if not torch.is_autocast_enabled(device_type):
+        each scale would cast a frozen weight again and keep that copy for the backward. {} without autocast, and
+        where something wraps attn.mat_qkv (LoRA): attention reads its weight, which such a wrapper merges from its
+        own, and a base cast first would round the merge differently."""
+        if not torch.is_autocast_enabled(device_type) or not isinstance(block.attn.mat_qkv, nn.Linear):
             return {}
         dtype = torch.get_autocast_dtype(device_type)
-        return {name: p.to(dtype) for name, p in module.named_parameters()
+        return {name: p.to(dtype) for name, p in block.named_parameters()
                 if name.endswith('weight') and p.ndim == 2 and not p.requires_grad}
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from baselines import PrefilledPrompt  # noqa: E402
+from baselines import PrefilledPrompt, attach_lora, make_lora  # noqa: E402
 from clip_loss import TOKENS, SemanticLoss, rollout_token_maps, token_probs  # noqa: E402
 from frame_prompt import FramePrompt  # noqa: E402
 from mvp import MVP, TunedParts  # noqa: E402
@@ -222,6 +222,10 @@ def test_the_rollout_casts_the_frozen_weights_once_to_the_same_values(tiny_vae, 
         found.append((maps, prompt.tokens.grad.clone()))
     assert all(torch.equal(a, b) for a, b in zip(found[0][0], found[1][0]))
     assert found[0][1].abs().sum() > 0 and torch.equal(found[0][1], found[1][1])
+    monkeypatch.undo()
+    attach_lora(tiny_var, make_lora(tiny_var, rank=2))  # attention reads LoRA's merged weight: no cast of its own
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert VAR.cast_frozen_matrices(tiny_var.blocks[0], 'cpu') == {}
 
 
 def test_the_rollouts_semantic_loss_never_reads_the_images_tokens(tiny_vae, tiny_var, tiny_clip):
