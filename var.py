@@ -17,6 +17,7 @@ With neither, this is the untouched VAR, and the parameter names are the
 released checkpoints' (`var_d16.pth` ... `var_d36.pth`), which load strict.
 """
 import math
+from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -276,9 +277,7 @@ class VAR(nn.Module):
         weights = [self.cast_frozen_matrices(block, cond_BD.device.type) for block in self.blocks]
         f_hat = cond_BD.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1], dtype=torch.float32)
         maps = []
-        for block in self.blocks:
-            block.attn.kv_cache = ()
-        try:
+        with self.kv_cache(True):
             for si, pn in enumerate(self.patch_nums):
                 x, attn_bias = next_input, None  # the cache holds every coarser scale's keys and values
                 if prefix_1PC is not None and si == 0:  # prefilled baseline: the prefix enters the cache once
@@ -291,10 +290,19 @@ class VAR(nn.Module):
                     begin, end = self.begin_ends[si + 1]
                     with torch.autocast(device_type=cond_BD.device.type, enabled=False):
                         next_input = self.word_embed(next_map.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, begin:end]
+        return maps
+
+    @contextmanager
+    def kv_cache(self, on: bool):
+        """Every block's attention keeps the keys and values of the scales before (on) or sees the whole sequence
+        (off), for the length of the with; off again after it, whatever happens inside."""
+        for block in self.blocks:
+            block.attn.kv_cache = () if on else None
+        try:
+            yield
         finally:
             for block in self.blocks:
                 block.attn.kv_cache = None
-        return maps
 
     @staticmethod
     def cast_frozen_matrices(block: nn.Module, device_type: str) -> dict:
@@ -332,11 +340,9 @@ class VAR(nn.Module):
         # the first scale's input: start token (the condition) + its position embeddings
         next_input = cond_2BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start + lvl_pos_1LC[:, :self.first_l]
         seen = []  # without the cache: all inputs so far, re-run every scale
-        for block in self.blocks:
-            block.attn.kv_cache = () if use_kv_cache else None
         f_hat = cond_BD.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1], dtype=torch.float32)
         idx_list = []
-        try:
+        with self.kv_cache(use_kv_cache):
             for si, pn in enumerate(self.patch_nums):
                 begin, end = self.begin_ends[si]
                 if use_kv_cache:
@@ -359,7 +365,4 @@ class VAR(nn.Module):
                     next_begin, next_end = self.begin_ends[si + 1]
                     next_input = self.word_embed(next_map.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, next_begin:next_end]
                     next_input = next_input.repeat(2, 1, 1)  # the same map feeds both CFG halves
-        finally:
-            for block in self.blocks:
-                block.attn.kv_cache = None
         return idx_list
