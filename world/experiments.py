@@ -206,8 +206,9 @@ SECTIONS = [
     dict(table='sem', title='The semantic loss, text-to-image: what each level adds', metrics=T2I,
          rows=[('CE only (lambda_sen = lambda_cap = 0)', 't2i_sem_none', 'after'),
                ('CE + sentence', 't2i_sem_sentence', 'after'), ('CE + caption', 't2i_sem_caption', 'after'),
-               ('CE + sentence + caption (MVP)', 't2i_eq9', 'after')],
-         paper='As above (no table).',
+               ('CE + sentence + caption (MVP)', 't2i_mvp', 'after')],
+         paper='As above (no table). Every row at text-to-image\'s defaults (lambdas 0.1, the free-running rollout) '
+               'but the level it turns off.',
          claims=[('CE + sentence + caption (MVP)', 'CE only (lambda_sen = lambda_cap = 0)', m)
                  for m in ('FD_judge', 'attribute_accuracy')]
                 + [('CE + sentence + caption (MVP)', 'CE + sentence', 'attribute_accuracy')]),
