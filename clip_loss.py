@@ -106,8 +106,9 @@ TOKENS = ('soft', 'gumbel', 'argmax', 'rollout')
 
 
 def token_probs(logits_BlV: torch.Tensor, temperature: float, tokens: str) -> torch.Tensor:
-    """Logits (B, l, V) -> differentiable weights over the codebook (B, l, V), one-hot forward unless 'soft'."""
-    if tokens in ('gumbel', 'rollout'):
+    """Logits (B, l, V) -> differentiable weights over the codebook (B, l, V), one-hot forward unless 'soft'. tokens:
+    'soft', 'gumbel' or 'argmax' (the rollout draws each scale with 'gumbel')."""
+    if tokens == 'gumbel':
         return F.gumbel_softmax(logits_BlV.float(), tau=temperature, hard=True, dim=-1)
     probs = (logits_BlV.float() / temperature).softmax(dim=-1)
     if tokens == 'argmax':
@@ -130,7 +131,7 @@ def soft_token_maps(logits_BLV: torch.Tensor, codebook_VC: torch.Tensor, patch_n
 
 def rollout_token_maps(var: nn.Module, quantizer: nn.Module, cond_BD: torch.Tensor, temperature: float = 1.0,
                        prompt_1LC: Optional[torch.Tensor] = None, prefix_1PC: Optional[torch.Tensor] = None,
-                       draw: str = 'rollout') -> List[torch.Tensor]:
+                       draw: str = 'gumbel') -> List[torch.Tensor]:
     """The VAR's own maps R_1..R_K, free running and differentiable (VAR.rollout): scale k is drawn (straight-through
     Gumbel; draw 'argmax': the most likely entries) from logits conditioned on the maps drawn at scales 1..k-1, which
     enter the next scale's input as in sampling (f_hat accumulated, area-downsampled)."""
@@ -186,7 +187,8 @@ class EmbedInChunks(torch.autograd.Function):
 
 
 class SemanticLoss(nn.Module):
-    """L_semantic of Eq. 8 from teacher-forced logits, with the frozen VQVAE decoder and a frozen CLIP."""
+    """L_semantic of Eq. 8, with the frozen VQVAE decoder and a frozen CLIP, on I_sen and I_cap decoded from the
+    teacher-forced logits or (--tokens rollout) from the maps the VAR drew itself."""
 
     def __init__(self, clip: FrozenClip, vqvae: nn.Module, beta: float = 0.6, lambda_sen: float = 1.0,
                  lambda_cap: float = 1.0, temperature: float = 1.0, tokens: str = 'soft', chunk: int = 0):
@@ -207,6 +209,8 @@ class SemanticLoss(nn.Module):
         the first predicted map. maps: the K maps themselves (rollout_token_maps), instead of the logits'."""
         quant = self.vqvae.quantize
         if maps is None:
+            if self.tokens == 'rollout':
+                raise ValueError('--tokens rollout judges the maps the VAR draws itself: pass maps (rollout_token_maps)')
             maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.tokens)
         if first_idx_Bl is not None:
             maps[0] = quant.embedding(first_idx_Bl).transpose(1, 2).reshape_as(maps[0]).to(maps[0].dtype)
@@ -235,7 +239,8 @@ class SemanticLoss(nn.Module):
         return self.clip.encode_image(self.vqvae.fhat_to_img(f_hat, checkpointed=True))
 
     def score(self, feats_sen, feats_cap, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """Eq. 8 on the CLIP features of I_sen and I_cap (None for a level whose lambda is 0)."""
+        """Eq. 8 on the CLIP features of I_sen and I_cap (None for a level whose lambda is 0): each level's loss,
+        and 'semantic', their weighted sum (MVP.objective weighs the levels itself, as terms --balance can tell apart)."""
         scale = self.clip.logit_scale()
         zero = scale.new_zeros(())
         loss_sen = contrastive_loss(feats_sen, self.clip.encode_text(sentences), sentences, scale) \

@@ -1,7 +1,7 @@
 """
 MVP, Multi-scale Visual Prompt tuning, on a frozen VAR. The VAR, its VQVAE and (for the semantic loss or
 text-to-image) a CLIP stay frozen; what trains is the prompt frame_prompt.py lays on each scale's outer frame (or, for
-Table 3's baselines, a prefilled prompt, LoRA or the whole VAR) and, text-to-image, the projection of a caption's CLIP
+the baselines, a prefilled prompt (Table 4), LoRA or the whole VAR (Table 3)) and, text-to-image, the projection of a caption's CLIP
 features that replaces the class embedding. One training step, as train.py runs it:
 
     model = MVP(vae, var, parts, clip, semantic)
@@ -73,8 +73,8 @@ class MVP(nn.Module):
     teacher-forced logits and the losses of Eq. 9; objective() weighs them into the terms a step minimises.
 
     parts: the TunedParts (or DDP around them); semantic: the SemanticLoss (clip_loss.py), or None for CE alone;
-    first_scale_fixed: nothing trainable acts on the first scale, whose map then enters I_sen and I_cap as the image's
-    own (clip_loss.py); dtype: the forward's autocast (fp32: none); compile: the VAR through torch.compile."""
+    first_scale_fixed: nothing trainable acts on the first scale, whose map then enters the teacher-forced I_sen and
+    I_cap as the image's own (clip_loss.py); dtype: the forward's autocast (fp32: none); compile: the VAR through torch.compile."""
 
     def __init__(self, vae, var, parts: nn.Module, clip: Optional[FrozenClip] = None,
                  semantic: Optional[SemanticLoss] = None, cond_drop: float = 0.1, first_scale_fixed: bool = False,
@@ -101,7 +101,10 @@ class MVP(nn.Module):
             cond_BC = conditions(self.var, text_cond_BC, labels_B, drop=True, cond_drop=self.cond_drop)
             logits_BLV = self.var_forward(cond_BC, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)
             losses = {'ce': F.cross_entropy(logits_BLV.view(-1, self.var.vocab_size), torch.cat(idx, dim=1).view(-1))}
-            if self.semantic is not None:  # Eq. 8's two levels, on images decoded from the logits (clip_loss.py)
+            # Eq. 8's two levels (clip_loss.py), on images decoded from these logits or from the VAR's own free-running
+            # maps. Like CE, the teacher-forced levels also judge the dropped samples: their coarser scales are the
+            # image's own, so their target is still the image's sentence and caption.
+            if self.semantic is not None:
                 maps = self.free_running_maps(text_cond_BC, labels_B, prompt_1LC, prefix_1PC)
                 first_map = idx[0] if self.first_scale_fixed and maps is None else None
                 sem = self.semantic(logits_BLV, sentences, captions, first_map, maps)
@@ -133,8 +136,9 @@ class MVP(nn.Module):
 
 
 # Eq. 9's lambdas (sentence, caption) and the differentiable path (clip_loss.TOKENS) unless given, per task: what the
-# shapes world's studies favour on its judge (docs/semantic_loss.md). Eq. 9 as written is (1, 1) with soft tokens;
-# in text-to-image it lost to CE alone, and the free-running rollout at 0.1 beat CE alone.
+# shapes world's studies favour on its judge (docs/semantic_loss.md). The paper gives neither; "Eq. 9 as written" here
+# means both lambdas 1 on soft tokens. In text-to-image that lost to CE alone, and the free-running rollout at 0.1 beat
+# CE alone.
 DEFAULT_LAMBDAS = {'class-to-image': (1.0, 1.0), 'text-to-image': (0.1, 0.1)}
 DEFAULT_TOKENS = {'class-to-image': 'soft', 'text-to-image': 'rollout'}
 
@@ -201,8 +205,8 @@ def generate_images(vae, var, parts, clip, labels=None, texts=None, cfg_scale=1.
                     use_prompt=True, dtype=torch.float32):
     """Images in [0, 1] (B, 3, H, W) for class labels or (text-to-image) texts; use_prompt=False: without the prompt
     (the plain VAR for MVP and prefilled runs; LoRA and full fine-tuning change the VAR itself, so not for those).
-    dtype: the transformer blocks and the VQVAE decoder under autocast to it (embeddings, head and sampling stay fp32,
-    as var.py keeps them); fp32 is the official code's function, bit for bit."""
+    dtype: the transformer blocks and the VQVAE decoder under autocast to it (the logits and sampling stay fp32, as
+    var.py casts them); fp32 is the official code's function, bit for bit."""
     prompt_map = prefix = text_cond = None
     if parts is not None:  # None: the plain VAR, nothing trained
         prompt_map, prefix, text_cond = parts(clip.encode_text(texts) if texts is not None else None)

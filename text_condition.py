@@ -6,10 +6,11 @@ every block. In text-to-image mode a caption goes through the frozen CLIP text t
 trainable linear projection into that same space, and replaces the class embedding. The prompts
 (with the first-scale prompt on, MVP Table 6) and this projection are all that train.
 
-The projection starts useful: it is initialised as the least-squares map from CLIP text features to
-VAR's own class embeddings, fitted on "a photo of a {class}" for every class and on training captions
-(each to its image's class embedding). Before the first step a caption then lands near its class's
-embedding and text-to-image works roughly. (Fitted on the sentences alone, K points in a D >= K space,
+The paper does not say how CLIP's text features reach VAR: the linear projection and its initialisation
+are this implementation's design. The projection starts useful: it is initialised as the least-squares
+map from CLIP text features to VAR's own class embeddings, fitted on "a photo of a {class}" for every
+class and on training captions (each to its image's class embedding). Before the first step a caption
+then lands near its class's embedding and text-to-image works roughly. (Fitted on the sentences alone, K points in a D >= K space,
 the map is free off their span, and captions, whose features lie elsewhere, land far from every class.)
 """
 import torch

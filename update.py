@@ -17,7 +17,8 @@ def warmup_cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: f
 
 # How the terms' gradients make one update (--balance): 'sum' is Eq. 9 as written, one clip on the total; 'clip_each'
 # clips each term's gradient on its own; 'normalize' rescales each semantic level's gradient to `ratio` times CE's norm,
-# so the CLIP losses steer the direction without drowning CE (their raw gradients can dwarf CE's: docs/running.md).
+# so the CLIP losses steer the direction without drowning CE (their raw gradients can dwarf CE's: docs/running.md); a
+# level's lambda then only turns it on or off, since the rescaling cancels it.
 BALANCES = ('sum', 'clip_each', 'normalize')
 
 

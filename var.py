@@ -237,8 +237,8 @@ class VAR(nn.Module):
         """
         with torch.autocast(device_type=cond_BD.device.type, enabled=False):  # embeddings in fp32, as released
             x_BLC = self.embed_inputs(cond_BD.float(), x_BLCv_wo_first_l)
-            # MVP (Eq. 6, "R_hat_t = R_t + F_t"): F_t is added to the input tokens at scale t's positions, the ones
-            # that predict R_t (the first scale's is the start token); the sequence length does not change
+            # MVP (Eq. 6, p(R_t | R_hat_<t, F_t)): the prompt F_t is added to the input tokens at scale t's positions,
+            # the ones that predict R_t (the first scale's is the start token); the sequence length does not change
             if prompt_1LC is not None:
                 x_BLC = x_BLC + prompt_1LC
         attn_bias = self.attn_bias_for_masking

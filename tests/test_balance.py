@@ -164,7 +164,7 @@ def recomputed_rollout(var, quantizer, cond_BD, prompt_1LC=None, prefix_1PC=None
         x_BLCv = torch.cat(inputs + [f_hat.new_zeros(B, var.L - var.first_l - known, var.Cvae)], dim=1)
         begin, end = var.begin_ends[si]
         logits_BlV = var(cond_BD, x_BLCv, prompt_1LC=prompt_1LC, prefix_1PC=prefix_1PC)[:, begin:end]
-        h_BlC = token_probs(logits_BlV, 1.0, 'rollout') @ quantizer.embedding.weight
+        h_BlC = token_probs(logits_BlV, 1.0, 'gumbel') @ quantizer.embedding.weight
         maps.append(h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn))
         f_hat, next_map = quantizer.next_autoregressive_input(si, f_hat, maps[-1])
         inputs.append(next_map.flatten(2).transpose(1, 2))

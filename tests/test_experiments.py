@@ -54,7 +54,9 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
     assert f'python -m world.experiments {" ".join(argv)}' in report  # the exact command
     assert re.search(r'This invocation took [\d.]+ min', report)
     assert '## Summary: of 6 comparisons with the paper' in report
-    assert report.count('(0 clearly)') == 2  # agreements and disagreements: one seed decides nothing
+    # one seed decides nothing: no verdict either way
+    assert 'of 6 comparisons with the paper, 0 agree and 0 disagree beyond noise; 0 lie within noise, 6 have one seed' \
+        in report
     header, rows = table_rows(report, 'Table 1')
     assert header == ['', 'FD_judge ↓', 'class acc ↑', 'IS_judge ↑', 'FD_clip ↓', 'trainable params', 'train s']
     assert list(rows) == ['VAR (no tuning)', 'VAR + MVP']
@@ -177,11 +179,29 @@ def test_a_time_is_compared_only_between_runs_on_one_machine():
          'machine': {0: 'A', 1: 'B', 2: 'A'}}
     b = {'FD_clip': {0: 2.0, 1: 3.5, 2: 4.5}, 'train_s': {0: 120.0, 1: 150.0, 2: 125.0},
          'machine': {0: 'A', 1: 'A', 2: 'A'}}
-    text, agrees, _ = experiments.verdict(a, b, 'train_s')
-    assert '2 seeds' in text and agrees  # seed 1 ran a on the slower machine B and is left out
+    text, outcome = experiments.verdict(a, b, 'train_s')
+    assert '2 seeds' in text and 'leans the paper' in text  # seed 1 ran a on the slower machine B and is left out
+    assert outcome == 'noise'  # -17.5, SE 2.5: with two seeds a t-test needs 12.7 SE
     assert '3 seeds' in experiments.verdict(a, b, 'FD_clip')[0]  # quality pairs every seed
     b['machine'] = {0: 'B', 1: 'A', 2: 'B'}
-    assert experiments.verdict(a, b, 'train_s') == ('no seed ran both runs on one machine', None, False)
+    assert experiments.verdict(a, b, 'train_s') == ('no seed ran both runs on one machine', None)
+    assert experiments.verdict(a, b, 'peak_mb') == ('no results yet', None)
+
+
+def test_a_verdict_needs_a_paired_t_test_over_two_or_more_seeds():
+    """FD_judge, lower is better: a beats b by 0.5 on every seed but one."""
+    a = {'FD_judge': {0: 4.0, 1: 4.1, 2: 3.9, 3: 4.2, 4: 5.1}}
+    b = {'FD_judge': {0: 4.5, 1: 4.6, 2: 4.4, 3: 4.7, 4: 4.9}}
+    assert experiments.verdict(a, b, 'FD_judge')[1] == 'noise'  # mean -0.36, SE 0.14: 2.57 SE, t(4) needs 2.78
+    a['FD_judge'][4] = 4.4
+    text, outcome = experiments.verdict(a, b, 'FD_judge')
+    assert outcome == 'agrees' and '5 seeds, beyond 2.78 SE' in text
+    assert experiments.verdict(b, a, 'FD_judge')[1] == 'disagrees'  # the claim the other way round
+    one = {'FD_judge': {0: 4.0}}
+    text, outcome = experiments.verdict(one, {'FD_judge': {0: 9.0}}, 'FD_judge')
+    assert outcome == 'one seed' and 'leans the paper\'s way' in text
+    # two seeds whose differences agree exactly: SE 0, beyond any threshold
+    assert experiments.verdict({'FD_judge': {0: 1.0, 1: 2.0}}, {'FD_judge': {0: 2.0, 1: 3.0}}, 'FD_judge')[1] == 'agrees'
 
 
 def test_bad_flags_stop_before_any_run(tmp_path, capsys):

@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 
+from scipy import stats
+
 from device import parse_device
 from mvp import DEFAULT_LAMBDAS, DEFAULT_TOKENS
 
@@ -44,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 # -----------------------------------------------------------------------------
 # the grid: every run is MVP's default (frame prompts, tau 20, first scale off for class-to-image / on for
 # text-to-image, the task's semantic loss: mvp.DEFAULT_LAMBDAS, DEFAULT_TOKENS) with these train.py flags changed;
-# {seed} is the run's seed. The text-to-image rows that study the loss name each of its flags: that default changed.
+# {seed} is the run's seed. The rows of the loss studies that must not follow a default name each flag they test.
 
 RUNS = {
     'mvp': [],
@@ -126,7 +128,7 @@ METRICS = {
     'cap_over_ce': ('grad cap / ce', None, '{:.3g}'),
     'clipped_pct': ('clip bound %', None, '{:.0f}'),
 }
-MACHINE_BOUND = ('train_s',)  # metrics that depend on the CPU a run ran on (verdict pairs same-machine seeds only)
+MACHINE_BOUND = ('train_s', 'peak_mb')  # metrics that depend on the CPU a run ran on: verdicts pair same-CPU seeds
 C2I = ('FD_judge', 'class_accuracy', 'IS_judge', 'FD_clip', 'trainable', 'train_s')
 T2I = ('FD_judge', 'attribute_accuracy', 'shape_accuracy', 'texture_accuracy', 'FD_clip', 'clip_score', 'trainable',
        'train_s')
@@ -584,9 +586,9 @@ def collect(args, name: str, which: str):
     values, seeds = {}, []
     for seed in args.seed_list:
         out = run_dir(args, name, seed)
-        results, record = read_json(os.path.join(out, 'eval.json')), read_record(args, out)
-        if not results or not record or record.get('eval_rc') != 0:
+        if not is_cached(args, name, seed):  # only what this grid's own commands made counts
             continue
+        results, record = read_json(os.path.join(out, 'eval.json')), read_record(args, out)
         seeds.append(seed)
         row = dict(results[which])
         if which == 'after':
@@ -647,34 +649,38 @@ def cell(values: dict, metric: str) -> str:
 
 
 def verdict(a: dict, b: dict, metric: str):
-    """Does a beat b on metric? Paired over the seeds both have (for a time, the seeds whose two runs ran on one
-    machine): (text, agrees or None, whether the difference is clear: two or more seeds, beyond twice its standard
-    error)."""
+    """Does a beat b on metric, as the paper finds? Paired over the seeds both have (for a machine-bound figure, the
+    seeds whose two runs ran on one machine): (text, the verdict). The verdict is 'agrees' or 'disagrees' only where
+    a paired t-test over two or more seeds rejects no difference at 5% (two-sided); else 'noise' (within it), 'one
+    seed' (no error bar) or None (no results)."""
     seeds = sorted(set(a.get(metric, {})) & set(b.get(metric, {})))
     seeds = [s for s in seeds if a[metric][s] is not None and b[metric][s] is not None]
     if not seeds:
-        return 'no results yet', None, False
-    if metric in MACHINE_BOUND:  # a time compares only between runs on one machine: pair those seeds alone
+        return 'no results yet', None
+    if metric in MACHINE_BOUND:  # a time or a memory compares only between runs on one machine
         seeds = [s for s in seeds if a['machine'].get(s) is not None and a['machine'][s] == b['machine'].get(s)]
         if not seeds:
-            return 'no seed ran both runs on one machine', None, False
+            return 'no seed ran both runs on one machine', None
     fmt = METRICS[metric][2]
     diffs = [a[metric][s] - b[metric][s] for s in seeds]
     d = statistics.fmean(diffs)
     ma, mb = statistics.fmean(a[metric][s] for s in seeds), statistics.fmean(b[metric][s] for s in seeds)
     better = d < 0 if METRICS[metric][1] == 'lower' else d > 0
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     text = f'{fmt.format(ma)} vs {fmt.format(mb)}, difference {d:+.4g}'
-    if d == 0:
-        return text + ': a tie', None, False
-    clear = se is not None and abs(d) > 2 * se
-    if se is None:
-        noise = ' (1 seed: no error bar)'
-    elif clear:
-        noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: clear)'
-    else:
-        noise = f' (paired SE {se:.2g}, {len(seeds)} seeds: within noise)'
-    return text + noise + (': **agrees**' if better else ': **disagrees**'), better, clear
+    leaning = 'the paper\'s way' if better else 'against the paper' if d != 0 else 'neither way'
+    if len(seeds) == 1:
+        return f'{text} (1 seed: no error bar, no verdict; leans {leaning})', 'one seed'
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    critical = stats.t.ppf(0.975, len(diffs) - 1)  # the paired t-test's threshold at 5%, two-sided
+    if abs(d) <= critical * se:
+        return f'{text} (paired SE {se:.2g}, {len(seeds)} seeds: within noise; leans {leaning})', 'noise'
+    return (f'{text} (paired SE {se:.2g}, {len(seeds)} seeds, beyond {critical:.2f} SE): '
+            + ('**agrees**' if better else '**disagrees**')), ('agrees' if better else 'disagrees')
+
+
+def default_loss(task: str) -> str:
+    (lambda_sen, lambda_cap), tokens = DEFAULT_LAMBDAS[task], DEFAULT_TOKENS[task]
+    return f'{task}: lambda_sen {lambda_sen:g}, lambda_cap {lambda_cap:g}, --tokens {tokens}'
 
 
 def report(args, argv, status: dict, started: float) -> str:
@@ -708,9 +714,9 @@ def report(args, argv, status: dict, started: float) -> str:
         f'{args.shapes_n} shapes images (lr {args.lr} for prompts, {args.lr_lora} for LoRA rank {args.lora_rank}, '
         f'{args.lr_full} for full fine-tuning; {args.warmup_steps} warm-up steps, then cosine decay), with MVP\'s '
         f'defaults unless the row says otherwise: frame prompts, tau 20, the first-scale prompt off for '
-        f'class-to-image and on for text-to-image, the semantic loss at its default (beta 0.6; class-to-image: both '
-        f'lambdas 1 on soft tokens, Eq. 9 as written; text-to-image: both 0.1 on the free-running rollout). LoRA and '
-        f'full fine-tuning use the same loss and steps as MVP.',
+        f'class-to-image and on for text-to-image, the semantic loss at its default (beta 0.6; '
+        f'{default_loss("class-to-image")}; {default_loss("text-to-image")}). LoRA and full fine-tuning use the same '
+        f'loss and steps as MVP.',
         f'- Cells are mean ± sample std over the seeds ({", ".join(map(str, args.seed_list))}); a seed sets the '
         f'training run and the evaluation (its samples and its held-out reference images). In brackets: the '
         f'standard error within one seed\'s evaluation (over its samples; bootstrap for FD), averaged over '
@@ -730,10 +736,13 @@ def report(args, argv, status: dict, started: float) -> str:
         'A comparison of train s pairs only the seeds whose two runs ran on one machine (the All runs table\'s CPU).',
         f'- peak RSS MB (Table 4): the peak resident memory of the whole train.py process (ru_maxrss from wait4): '
         f'Python, torch, the frozen VQVAE, VAR and CLIP, the data and the training itself, the CPU\'s analogue of '
-        f'the paper\'s peak GPU memory. On Linux it can also hold the RSS of the launching world.experiments at the '
-        f'launch (at most {parent_mb:.0f} MB here, the same for every row).',
-        '- Beside each table, the paper\'s finding, and per comparison whether the miniature agrees: the paired '
-        'difference over seeds, "clear" when it exceeds twice its standard error. Nothing here was tuned to agree.', '']
+        f'the paper\'s peak GPU memory. A child\'s ru_maxrss is never below the RSS its launcher had when it started '
+        f'it (this report\'s process: {parent_mb:.0f} MB; the grid\'s launcher is the same program). Like a time, it '
+        f'compares only between runs on one machine.',
+        '- Beside each table, the paper\'s finding, and per comparison whether the miniature agrees: the mean paired '
+        'difference over the seeds both runs have, a verdict where a paired t-test over two or more seeds rejects no '
+        'difference at 5%, else "within noise" or "no verdict" with the way it leans. Nothing here was tuned to '
+        'agree.', '']
     all_verdicts = []
     for sec in sections(args):
         metrics = sec['metrics']
@@ -747,8 +756,8 @@ def report(args, argv, status: dict, started: float) -> str:
             lines.append(f'| {label}{suffix} | ' + ' | '.join(cell(values, m) for m in metrics) + ' |')
         lines += ['', 'Paper vs here:', '']
         for a, b, metric in sec['claims']:
-            text, agrees, clear = verdict(rows[a], rows[b], metric)
-            all_verdicts.append((sec['title'], a, b, metric, text, agrees, clear))
+            text, outcome = verdict(rows[a], rows[b], metric)
+            all_verdicts.append((sec['title'], a, b, metric, text, outcome))
             lines.append(f'- {a} beats {b} on {METRICS[metric][0]}: {text}')
         lines += ['', f'Commands (seed {args.seed_list[0]}; the other seeds change `--seed`, the run folder and, for the '
                   f'random placement, `--placement_seed`):', '']
@@ -759,18 +768,19 @@ def report(args, argv, status: dict, started: float) -> str:
                 train_cmd, eval_cmd = commands(args, name, args.seed_list[0])
                 lines += [f'    {shown(train_cmd)}', f'    {shown(eval_cmd)}']
         lines.append('')
-    agree = [v for v in all_verdicts if v[5] is True]
-    disagree = [v for v in all_verdicts if v[5] is False]
-    clearly = lambda verdicts: sum(v[6] for v in verdicts)
-    summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {len(agree)} agree '
-               f'({clearly(agree)} clearly), {len(disagree)} disagree ({clearly(disagree)} clearly), '
-               f'{len(all_verdicts) - len(agree) - len(disagree)} are ties or have no results yet', '',
-               '"Clearly": the paired difference over two or more seeds exceeds twice its standard error; the '
-               'others have one seed or lie within noise.', '']
-    if disagree:
-        summary += ['Where the miniature disagrees:', '']
-        summary += [f'- {title}: {a} vs {b} on {METRICS[metric][0]}: {text.split(": **")[0]}'
-                    for title, a, b, metric, text, _, _ in disagree] + ['']
+    count = lambda outcome: sum(v[5] == outcome for v in all_verdicts)
+    summary = [f'## Summary: of {len(all_verdicts)} comparisons with the paper, {count("agrees")} agree and '
+               f'{count("disagrees")} disagree beyond noise; {count("noise")} lie within noise, {count("one seed")} '
+               f'have one seed and {count(None)} no results yet', '',
+               'A verdict needs two or more seeds and a paired t-test that rejects no difference at 5% (two-sided). '
+               f'With {len(all_verdicts)} comparisons, about one in twenty verdicts can be chance; none is corrected '
+               'for the others.', '']
+    for outcome, heading in (('disagrees', 'Where the miniature disagrees'), ('agrees', 'Where it agrees')):
+        found = [v for v in all_verdicts if v[5] == outcome]
+        if found:
+            summary += [f'{heading}:', '']
+            summary += [f'- {title}: {a} vs {b} on {METRICS[metric][0]}: {text.split(": **")[0]}'
+                        for title, a, b, metric, text, _ in found] + ['']
     lines[lines.index('## How to read this'):lines.index('## How to read this')] = summary
 
     machines = list(dict.fromkeys(machine(r) for r in records if machine(r)))
