@@ -48,6 +48,7 @@ def test_grid_end_to_end(tiny_backbone, tmp_path, capsys):
         assert record['train_cmd'][record['train_cmd'].index('--max_steps') + 1] == '2'
         assert record['cpu'] == experiments.cpu_name() and record['cores'] == os.cpu_count() and record['load'] >= 0
         assert record['autocast'] in ('float32', 'bfloat16')  # train.py's --dtype auto on this CPU
+        assert record['code'] == experiments.code_version() != ''  # which code made it
 
     report = open(report_path).read()
     assert report.startswith('# MVP\'s tables in miniature')

@@ -447,6 +447,15 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """The checkout's commit (with '-dirty' for uncommitted changes), so a record says which code made it."""
+    try:
+        return subprocess.run(['git', '-C', ROOT, 'describe', '--always', '--dirty', '--abbrev=12'], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
 RECORD_FILES = ('run.json', 'eval.json', 'config.json')  # all the report needs of a run
 OPTIONAL_RECORDS = ('log.jsonl',)  # kept where the run has it: the losses and the gradient record
 BACKBONE_FILES = ('backbone.json', 'vqvae.pth', 'var.pth', 'clip/open_clip_config.json', 'clip/open_clip_model.safetensors',
@@ -516,7 +525,8 @@ def run_one(args, name: str, seed: int, env: dict, load: LoadSampler) -> str:
         return 'cached'
     os.makedirs(out, exist_ok=True)
     if not (same_train and os.path.isfile(os.path.join(out, 'ckpt.pt'))):
-        record = {'run': name, 'seed': seed, 'train_cmd': train_cmd, 'backbone': args.fingerprint}
+        record = {'run': name, 'seed': seed, 'train_cmd': train_cmd, 'backbone': args.fingerprint,
+                  'code': code_version()}
         t0 = time.time()
         with open(os.path.join(out, 'train.log'), 'w') as log:
             proc = subprocess.Popen([sys.executable, *train_cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -808,7 +818,8 @@ def report(args, argv, status: dict, started: float) -> str:
               'train s is longer than the run alone would take. train s compares only between runs on one CPU at one '
               'load.', '',
               f'Each run\'s folder `{args.out}/<run>/seed<s>/` holds its checkpoint, train.log, log.jsonl, '
-              f'eval.log, eval.json and run.json (the commands, exit codes, times, peak memory, CPU and load).', '']
+              f'eval.log, eval.json and run.json (the commands, exit codes, times, peak memory, CPU, load and, for runs '
+              f'made from 2026-12-07 on, the commit of the code that made it).', '']
     return '\n'.join(lines)
 
 
