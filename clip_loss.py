@@ -210,7 +210,7 @@ class SemanticLoss(nn.Module):
         quant = self.vqvae.quantize
         if maps is None:
             if self.tokens == 'rollout':
-                raise ValueError('--tokens rollout judges the maps the VAR draws itself: pass maps (rollout_token_maps)')
+                raise ValueError('--tokens rollout judges the maps the VAR draws itself: pass rollout_token_maps')
             maps = soft_token_maps(logits_BLV, quant.embedding.weight, quant.patch_nums, self.temperature, self.tokens)
         if first_idx_Bl is not None:
             maps[0] = quant.embedding(first_idx_Bl).transpose(1, 2).reshape_as(maps[0]).to(maps[0].dtype)
@@ -240,7 +240,7 @@ class SemanticLoss(nn.Module):
 
     def score(self, feats_sen, feats_cap, sentences: Sequence[str], captions: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Eq. 8 on the CLIP features of I_sen and I_cap (None for a level whose lambda is 0): each level's loss,
-        and 'semantic', their weighted sum (MVP.objective weighs the levels itself, as terms --balance can tell apart)."""
+        and 'semantic', their weighted sum (MVP.objective weighs the levels itself, as terms --balance tells apart)."""
         scale = self.clip.logit_scale()
         zero = scale.new_zeros(())
         loss_sen = contrastive_loss(feats_sen, self.clip.encode_text(sentences), sentences, scale) \

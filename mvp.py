@@ -1,8 +1,8 @@
 """
 MVP, Multi-scale Visual Prompt tuning, on a frozen VAR. The VAR, its VQVAE and (for the semantic loss or
 text-to-image) a CLIP stay frozen; what trains is the prompt frame_prompt.py lays on each scale's outer frame (or, for
-the baselines, a prefilled prompt (Table 4), LoRA or the whole VAR (Table 3)) and, text-to-image, the projection of a caption's CLIP
-features that replaces the class embedding. One training step, as train.py runs it:
+the baselines, a prefilled prompt (Table 4), LoRA or the whole VAR (Table 3)) and, text-to-image, the projection of
+a caption's CLIP features that replaces the class embedding. One training step, as train.py runs it:
 
     model = MVP(vae, var, parts, clip, semantic)
     idx = model.tokenise(images)                               # the frozen VQVAE's token maps R_1..R_K
@@ -74,7 +74,8 @@ class MVP(nn.Module):
 
     parts: the TunedParts (or DDP around them); semantic: the SemanticLoss (clip_loss.py), or None for CE alone;
     first_scale_fixed: nothing trainable acts on the first scale, whose map then enters the teacher-forced I_sen and
-    I_cap as the image's own (clip_loss.py); dtype: the forward's autocast (fp32: none); compile: the VAR through torch.compile."""
+    I_cap as the image's own (clip_loss.py); dtype: the forward's autocast (fp32: none); compile: the VAR through
+    torch.compile."""
 
     def __init__(self, vae, var, parts: nn.Module, clip: Optional[FrozenClip] = None,
                  semantic: Optional[SemanticLoss] = None, cond_drop: float = 0.1, first_scale_fixed: bool = False,

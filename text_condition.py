@@ -10,8 +10,9 @@ The paper does not say how CLIP's text features reach VAR: the linear projection
 are this implementation's design. The projection starts useful: it is initialised as the least-squares
 map from CLIP text features to VAR's own class embeddings, fitted on "a photo of a {class}" for every
 class and on training captions (each to its image's class embedding). Before the first step a caption
-then lands near its class's embedding and text-to-image works roughly. (Fitted on the sentences alone, K points in a D >= K space,
-the map is free off their span, and captions, whose features lie elsewhere, land far from every class.)
+then lands near its class's embedding and text-to-image works roughly. (Fitted on the sentences alone,
+K points in a D >= K space, the map is free off their span, and captions, whose features lie elsewhere,
+land far from every class.)
 """
 import torch
 import torch.nn as nn
