@@ -742,8 +742,10 @@ def report(args, argv, status: dict, started: float) -> str:
         '- "VAR (no tuning)" / "untuned" rows: world.evaluate\'s "before" model of that run (the plain VAR; for '
         'text-to-image the least-squares text projection with zero prompts).',
         '- trainable params: what train.py trains (printed by it). train s: seconds of the training loop (the last '
-        'row of log.jsonl), not process start-up or evaluation; with several runs at a time they share the CPU. '
-        'A comparison of train s pairs only the seeds whose two runs ran on one machine (the All runs table\'s CPU).',
+        'row of log.jsonl), not process start-up or evaluation; with several runs at a time they share the CPU, so '
+        'it grows with the load a run saw (the All runs table\'s load: 2.0 is two runs on two cores; a row whose '
+        'seeds ran beside other jobs reads slower than its setting is). A comparison of train s pairs only the seeds '
+        'whose two runs ran on one machine (the All runs table\'s CPU).',
         f'- peak RSS MB (Table 4): the peak resident memory of the whole train.py process (ru_maxrss from wait4): '
         f'Python, torch, the frozen VQVAE, VAR and CLIP, the data and the training itself, the CPU\'s analogue of '
         f'the paper\'s peak GPU memory. A child\'s ru_maxrss is never below the RSS its launcher had when it started '
