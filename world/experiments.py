@@ -263,13 +263,13 @@ SECTIONS += study_sections(
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
 # for the time estimate: seconds per training step at batch 16 and per evaluated image (world.evaluate's wall time),
-# two runs at a time at one torch thread each, on a 2-core CPU with bf16 units (train.py's --dtype auto: bf16
-# autocast), from the grid's first runs on the shipped backbone (the rollout, which samples every scale through the
-# KV cache, from the path study's later runs); the fp32 row takes the fp32 / bf16 ratio the previous world's grid
-# measured on the two machine kinds (2.0), an estimate until a grid runs there
-STEP_S = {'bfloat16': {'semantic': 1.0, 'ce': 0.5, 'rollout': 1.5},
-          'float32': {'semantic': 2.0, 'ce': 1.0, 'rollout': 3.0}}
-EVAL_S_PER_IMAGE = {'bfloat16': 0.05, 'float32': 0.1}
+# two runs at a time at one torch thread each. The bf16 row: a 2-core EPYC with AVX-512 BF16 under train.py's --dtype
+# auto (bf16 autocast), from the grid's own runs. The fp32 row: the same EPYC with its kernels held to AVX2 (fp32
+# there, within 5% of its bf16 at these sizes), times 1.29, the most the slowest CPU here took over it on
+# shared/calibration.md's step (docs/benchmarks.md).
+STEP_S = {'bfloat16': {'semantic': 0.6, 'ce': 0.3, 'rollout': 0.9},
+          'float32': {'semantic': 0.85, 'ce': 0.35, 'rollout': 1.2}}
+EVAL_S_PER_IMAGE = {'bfloat16': 0.035, 'float32': 0.045}
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
 
