@@ -263,13 +263,15 @@ SECTIONS += study_sections(
 TABLE_KEYS = ('1', '3', '4', '5', '6', '7', '8', 'sem', 'bal', 'paths')
 
 # for the time estimate: seconds per training step at batch 16 and per evaluated image (world.evaluate's wall time),
-# two runs at a time at one torch thread each. The bf16 row: a 2-core EPYC with AVX-512 BF16 under train.py's --dtype
-# auto (bf16 autocast), from the grid's own runs. The fp32 row: the same EPYC with its kernels held to AVX2 (fp32
-# there, within 5% of its bf16 at these sizes), times 1.29, the most the slowest CPU here took over it on
-# shared/calibration.md's step (docs/benchmarks.md).
-STEP_S = {'bfloat16': {'semantic': 0.6, 'ce': 0.3, 'rollout': 0.9},
-          'float32': {'semantic': 0.85, 'ce': 0.35, 'rollout': 1.2}}
-EVAL_S_PER_IMAGE = {'bfloat16': 0.035, 'float32': 0.045}
+# two runs at a time at one torch thread each, on a 2-core EPYC with AVX-512 BF16 under train.py's --dtype auto (bf16
+# autocast), from the grid's own runs. fp32 there (kernels held to AVX2) took at most 1.06x that, and the slowest CPU
+# here at most 1.29x that EPYC's AVX2 time on shared/calibration.md's step (docs/benchmarks.md).
+BF16_STEP_S = {'semantic': 0.6, 'ce': 0.3, 'rollout': 0.9}
+BF16_EVAL_S_PER_IMAGE = 0.035
+SLOWEST_FP32_OVER_BF16 = 1.06 * 1.29
+STEP_S = {'bfloat16': BF16_STEP_S,
+          'float32': {kind: s * SLOWEST_FP32_OVER_BF16 for kind, s in BF16_STEP_S.items()}}
+EVAL_S_PER_IMAGE = {'bfloat16': BF16_EVAL_S_PER_IMAGE, 'float32': BF16_EVAL_S_PER_IMAGE * SLOWEST_FP32_OVER_BF16}
 START_S = 8.0  # two process starts (torch, open_clip, models)
 
 
